@@ -1,0 +1,169 @@
+"""GGUF files (llama.cpp's format), read with the ``gguf`` package.
+
+Metadata becomes a :class:`GemmaConfig` (what the file does not store comes from the
+architecture's known values, as transformers' GGUF loader does); llama.cpp tensor names map to
+our names; quantised tensors stay as their blocks and decode with ``gguf.quants`` exactly.
+
+Two GGUF conventions differ from Hugging Face: norm weights hold ``1 + w`` (llama.cpp adds the
+1 at conversion), so we subtract it once to keep one convention; and tensors are stored
+``[out, in]`` in NumPy order already.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from ..config import FULL, SLIDING, GemmaConfig
+from ..errors import CheckpointError, CheckpointNotFound
+from .weights import BF16Tensor, F16Tensor, Tensor, check_weights
+
+_GLOBAL = {"token_embd": "embed", "output_norm": "final_norm", "output": "lm_head"}
+_LAYER_PARTS = {"attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v",
+                "attn_output": "o", "attn_q_norm": "q_norm", "attn_k_norm": "k_norm",
+                "post_attention_norm": "post_attn_norm", "ffn_norm": "mlp_norm",
+                "post_ffw_norm": "post_mlp_norm", "ffn_gate": "gate", "ffn_up": "up",
+                "ffn_down": "down"}
+_BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+_FAMILY = {"gemma": 1, "gemma2": 2, "gemma3": 3}
+
+
+class GGUFTensor(Tensor):
+    """Quantised GGUF blocks as stored (``[rows, bytes per row]`` uint8), decoded by gguf.quants."""
+
+    def __init__(self, data: np.ndarray, qtype, shape: tuple[int, ...]):
+        super().__init__(data, shape)
+        self.qtype = qtype
+        self.kind = qtype.name
+
+    def f32(self) -> np.ndarray:
+        from gguf.quants import dequantize
+        return dequantize(np.asarray(self.data), self.qtype).reshape(self.shape)
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        from gguf.quants import dequantize
+        return dequantize(np.asarray(self.data[idx]), self.qtype)
+
+
+def open_reader(path: str):
+    """A ``gguf.GGUFReader``, with any parse failure turned into a clear CheckpointError."""
+    import gguf
+    if not os.path.exists(path):
+        raise CheckpointNotFound(f"{path}: no such GGUF file")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, EOFError,
+            UnicodeDecodeError, AssertionError, MemoryError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file "
+                              f"({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read GGUF file ({e})") from None
+
+
+def field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as e:  # a malformed field of any kind
+        raise CheckpointError(f"GGUF metadata {key!r} is malformed ({e})") from None
+
+
+def config_from_gguf(reader, path: str = "GGUF") -> GemmaConfig:
+    arch = field(reader, "general.architecture")
+    if arch not in _FAMILY:
+        raise CheckpointError(f"{path}: architecture {arch!r} is not gemma, gemma2 or gemma3")
+    family = _FAMILY[arch]
+
+    def get(key, default=None, required=True):
+        v = field(reader, f"{arch}.{key}", default)
+        if v is None and required:
+            raise CheckpointError(f"{path}: GGUF metadata {arch}.{key} is missing")
+        return v
+
+    n_layers, hidden, n_heads = get("block_count"), get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length", hidden // n_heads)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens is not None else None
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is not None:
+        vocab = int(embd.shape[-1])
+    if vocab is None:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor and no vocabulary")
+    window = get("attention.sliding_window", required=False)
+    types: tuple[str, ...] = ()
+    if family == 2:
+        types = tuple(SLIDING if i % 2 == 0 else FULL for i in range(n_layers))
+    elif family == 3:  # not stored: five local layers to one global
+        types = tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers))
+    qpas = None
+    if family == 2:
+        qpas = get("attention.query_pre_attn_scalar", head_dim, required=False)
+    elif family == 3:  # llama.cpp: 27B scales by hidden/heads, the others by head_dim
+        qpas = hidden // n_heads if (hidden, n_heads) == (5376, 32) else head_dim
+    return GemmaConfig(
+        family=family, vocab_size=int(vocab), hidden_size=int(hidden),
+        intermediate_size=int(get("feed_forward_length")), num_layers=int(n_layers),
+        num_heads=int(n_heads), num_kv_heads=int(get("attention.head_count_kv", n_heads)),
+        head_dim=int(head_dim), max_position_embeddings=int(get("context_length", 8192)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get("rope.freq_base", 10_000.0)),
+        rope_local_theta=10_000.0,
+        rope_scaling_factor=float(get("rope.scaling.factor", 1.0, required=False) or 1.0),
+        query_pre_attn_scalar=qpas,
+        attn_logit_softcap=get("attn_logit_softcapping", 50.0 if family == 2 else None, False),
+        final_logit_softcap=get("final_logit_softcapping", 30.0 if family == 2 else None, False),
+        sliding_window=int(window) if window and family > 1 else None,
+        layer_types=types, sandwich_norms=family > 1, qk_norm=family == 3)
+
+
+def _tensor(t) -> Tensor:
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+    if t.tensor_type == Q.F32:
+        return Tensor(t.data.reshape(shape))
+    if t.tensor_type == Q.F16:
+        return F16Tensor(t.data.reshape(shape))
+    if t.tensor_type == Q.BF16:
+        return BF16Tensor(t.data.view(np.uint16).reshape(shape))
+    try:  # decoding one row proves gguf.quants knows this type
+        dequantize(np.asarray(t.data[:1]), t.tensor_type)
+    except (NotImplementedError, ValueError, KeyError) as e:
+        raise CheckpointError(f"tensor {t.name!r}: quantisation type {t.tensor_type.name} "
+                              f"cannot be decoded by gguf.quants ({e})") from None
+    return GGUFTensor(t.data, t.tensor_type, shape)
+
+
+def _our_name(name: str) -> str | None:
+    if name.endswith(".weight") and name[:-7] in _GLOBAL:
+        return _GLOBAL[name[:-7]]
+    m = _BLK.match(name)
+    if m and m.group(2) in _LAYER_PARTS:
+        return f"layers.{m.group(1)}.{_LAYER_PARTS[m.group(2)]}"
+    return None
+
+
+def load_gguf(path: str):
+    """(config, tensors in our names, reader) of a GGUF file; the reader also holds the vocabulary."""
+    reader = open_reader(path)
+    config = config_from_gguf(reader, path)
+    tensors, origin = {}, {}
+    for t in reader.tensors:
+        name = _our_name(t.name)
+        if name is None:
+            continue
+        try:
+            tensor = _tensor(t)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        if name.endswith("norm"):  # GGUF stores 1 + w; keep the HF convention (w)
+            tensor = Tensor(tensor.f32() - np.float32(1))
+        tensors[name], origin[name] = tensor, repr(t.name)
+    if "lm_head" in tensors:  # llama.cpp writes output.weight only when the head is not tied
+        config = config.replace(tie_word_embeddings=False)
+    check_weights(tensors, config, path, origin)
+    return config, tensors, reader

