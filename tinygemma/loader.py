@@ -27,9 +27,8 @@ def load(path: str | os.PathLike, cache_bytes: int = 2 << 30) -> Gemma:
         config, tensors = load_hf(path)
         tokenizer = _hf_tokenizer(os.path.join(path, "tokenizer.model"))
     elif path.endswith(".gguf") or _is_gguf(path):
-        config, tensors, reader = load_gguf(path)
-        from .tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_gguf(reader)
+        config, tensors, metadata = load_gguf(path)
+        tokenizer = _gguf_tokenizer(metadata)
     else:
         raise CheckpointError(f"{path}: neither a checkpoint folder nor a .gguf file")
     return Gemma(config, Weights(tensors, cache_bytes), tokenizer)
@@ -48,6 +47,14 @@ def load_demo(**kwargs) -> Gemma:
 def _is_gguf(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
+
+
+def _gguf_tokenizer(metadata: dict):
+    """Build the tokenizer from the GGUF vocabulary when first used."""
+    def make():
+        from .tokenizer import Tokenizer
+        return Tokenizer.from_gguf(metadata)
+    return make
 
 
 def _hf_tokenizer(path: str):

@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp's format), read with the ``gguf`` package.
+"""GGUF files (llama.cpp's format): config, tensors and vocabulary.
 
 Metadata becomes a :class:`GemmaConfig` (what the file does not store comes from the
 architecture's known values, as transformers' GGUF loader does); llama.cpp tensor names map to
@@ -11,13 +11,13 @@ Two GGUF conventions differ from Hugging Face: norm weights hold ``1 + w`` (llam
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 
 from ..config import FULL, SLIDING, GemmaConfig
-from ..errors import CheckpointError, CheckpointNotFound
+from ..errors import CheckpointError
+from .gguf_header import TensorInfo, read_gguf
 from .weights import BF16Tensor, F16Tensor, Tensor, check_weights
 
 _GLOBAL = {"token_embd": "embed", "output_norm": "final_norm", "output": "lm_head"}
@@ -47,51 +47,32 @@ class GGUFTensor(Tensor):
         return dequantize(np.asarray(self.data[idx]), self.qtype)
 
 
-def open_reader(path: str):
-    """A ``gguf.GGUFReader``, with any parse failure turned into a clear CheckpointError."""
-    import gguf
-    if not os.path.exists(path):
-        raise CheckpointNotFound(f"{path}: no such GGUF file")
+def config_from_gguf(meta: dict, path: str = "GGUF", vocab: int | None = None) -> GemmaConfig:
+    """A config from GGUF metadata; ``vocab`` is the embedding's row count when known."""
     try:
-        return gguf.GGUFReader(path)
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError, EOFError,
-            UnicodeDecodeError, AssertionError, MemoryError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file "
-                              f"({type(e).__name__}: {e})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read GGUF file ({e})") from None
+        return _config(meta, path, vocab)
+    except (TypeError, ValueError, OverflowError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: GGUF metadata holds a value of the wrong type ({e})") from None
 
 
-def field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    try:
-        return f.contents()
-    except Exception as e:  # a malformed field of any kind
-        raise CheckpointError(f"GGUF metadata {key!r} is malformed ({e})") from None
-
-
-def config_from_gguf(reader, path: str = "GGUF") -> GemmaConfig:
-    arch = field(reader, "general.architecture")
+def _config(meta: dict, path: str, vocab: int | None) -> GemmaConfig:
+    arch = meta.get("general.architecture")
     if arch not in _FAMILY:
         raise CheckpointError(f"{path}: architecture {arch!r} is not gemma, gemma2 or gemma3")
     family = _FAMILY[arch]
 
     def get(key, default=None, required=True):
-        v = field(reader, f"{arch}.{key}", default)
+        v = meta.get(f"{arch}.{key}", default)
         if v is None and required:
             raise CheckpointError(f"{path}: GGUF metadata {arch}.{key} is missing")
         return v
 
     n_layers, hidden, n_heads = get("block_count"), get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length", hidden // n_heads)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else None
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embd is not None:
-        vocab = int(embd.shape[-1])
-    if vocab is None:
+    vocab = vocab or len(meta.get("tokenizer.ggml.tokens", ()))
+    if not vocab:
         raise CheckpointError(f"{path}: no token_embd.weight tensor and no vocabulary")
     window = get("attention.sliding_window", required=False)
     types: tuple[str, ...] = ()
@@ -120,22 +101,20 @@ def config_from_gguf(reader, path: str = "GGUF") -> GemmaConfig:
         layer_types=types, sandwich_norms=family > 1, qk_norm=family == 3)
 
 
-def _tensor(t) -> Tensor:
+def _tensor(t: TensorInfo) -> Tensor:
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
-    shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
-    if t.tensor_type == Q.F32:
-        return Tensor(t.data.reshape(shape))
-    if t.tensor_type == Q.F16:
-        return F16Tensor(t.data.reshape(shape))
-    if t.tensor_type == Q.BF16:
-        return BF16Tensor(t.data.view(np.uint16).reshape(shape))
+    plain = {Q.F32: (np.float32, Tensor), Q.F16: (np.float16, F16Tensor),
+             Q.BF16: (np.uint16, BF16Tensor)}
+    if t.qtype in plain:
+        dtype, cls = plain[t.qtype]
+        return cls(t.data.view(dtype).reshape(t.shape))
     try:  # decoding one row proves gguf.quants knows this type
-        dequantize(np.asarray(t.data[:1]), t.tensor_type)
+        dequantize(np.asarray(t.data[:1]), t.qtype)
     except (NotImplementedError, ValueError, KeyError) as e:
-        raise CheckpointError(f"tensor {t.name!r}: quantisation type {t.tensor_type.name} "
+        raise CheckpointError(f"tensor {t.name!r}: quantisation type {t.qtype.name} "
                               f"cannot be decoded by gguf.quants ({e})") from None
-    return GGUFTensor(t.data, t.tensor_type, shape)
+    return GGUFTensor(t.data, t.qtype, t.shape)
 
 
 def _our_name(name: str) -> str | None:
@@ -148,11 +127,12 @@ def _our_name(name: str) -> str | None:
 
 
 def load_gguf(path: str):
-    """(config, tensors in our names, reader) of a GGUF file; the reader also holds the vocabulary."""
-    reader = open_reader(path)
-    config = config_from_gguf(reader, path)
+    """(config, tensors in our names, metadata) of a GGUF file; the metadata holds the vocabulary."""
+    f = read_gguf(path)
+    embd = [t.shape[0] for t in f.tensors if t.name == "token_embd.weight"]
+    config = config_from_gguf(f.metadata, path, embd[0] if embd else None)
     tensors, origin = {}, {}
-    for t in reader.tensors:
+    for t in f.tensors:
         name = _our_name(t.name)
         if name is None:
             continue
@@ -166,4 +146,4 @@ def load_gguf(path: str):
     if "lm_head" in tensors:  # llama.cpp writes output.weight only when the head is not tied
         config = config.replace(tie_word_embeddings=False)
     check_weights(tensors, config, path, origin)
-    return config, tensors, reader
+    return config, tensors, f.metadata

@@ -1,0 +1,148 @@
+"""A bounded, fast reader of the GGUF header: metadata and tensor infos, data memory-mapped.
+
+``gguf.GGUFReader`` builds a NumPy view per array element, so a 262,144-token vocabulary takes
+~9 s to open; here numeric arrays are one ``np.frombuffer`` and strings one loop, ~0.2 s.
+Every count and length is checked against the bytes left in the file before anything is
+allocated, so a hostile header gives a :class:`CheckpointError`, never a hang or a huge
+allocation. Quantisation types, block sizes and dequantisation still come from ``gguf``.
+
+GGUF v2/v3 layout (little-endian): ``"GGUF"``, u32 version, u64 tensor count, u64 metadata
+count; metadata ``(string key, u32 type, value)``; tensor infos ``(string name, u32 n_dims,
+u64 dims[n_dims] innermost first, u32 type, u64 offset)``; padding to ``general.alignment``
+(32); tensor data.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CheckpointError, CheckpointNotFound
+
+# GGUF metadata value types -> NumPy scalar types (8 is string, 9 is array).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+            12: "d"}  # struct codes (little-endian), also NumPy dtype codes with a "<"
+_STRING, _ARRAY = 8, 9
+MAX_DIMS = 4
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # NumPy order: outermost first, [out, in] for a matrix
+    qtype: object  # gguf.GGMLQuantizationType
+    data: np.ndarray  # the stored bytes, uint8 [rows, bytes per row] (a view of the file)
+
+
+class GGUFFile:
+    """The metadata (a dict of Python values) and tensors of a GGUF file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.exists(path):
+            raise CheckpointNotFound(f"{path}: no such GGUF file")
+        try:
+            with open(path, "rb") as f:
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot map the GGUF file ({e})") from None
+        self.buf = np.frombuffer(self.mm, dtype=np.uint8)  # tensor data: views, no copies
+        self.pos = 0
+        self.metadata: dict[str, object] = {}
+        self.tensors: list[TensorInfo] = []
+        self._parse()
+
+    # ---- primitive reads, each bounded by the bytes left --------------------------------
+    def _fail(self, what: str):
+        raise CheckpointError(f"{self.path}: {what} (at byte {self.pos} of {len(self.buf)}): "
+                              "truncated or not a GGUF file")
+
+    def _take(self, n: int) -> int:
+        """Claim the next n bytes; return where they start."""
+        if n < 0 or self.pos + n > len(self.mm):
+            self._fail(f"a field of {n} bytes runs beyond the file")
+        self.pos += n
+        return self.pos - n
+
+    def _scalar(self, code: str):
+        return struct.unpack_from("<" + code, self.mm, self._take(struct.calcsize(code)))[0]
+
+    def _string(self) -> str:
+        n = self._scalar("Q")
+        at = self._take(n)
+        return self.mm[at:at + n].decode("utf-8", errors="replace")
+
+    def _value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self._scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self._string()
+        if vtype == _ARRAY:
+            itype, count = self._scalar("I"), self._scalar("Q")
+            if itype in _SCALARS:
+                dtype = np.dtype("<" + _SCALARS[itype])
+                return self.buf[self._take(count * dtype.itemsize):self.pos].view(dtype).copy()
+            if count * 8 > len(self.mm) - self.pos:  # each element needs 8 bytes at least
+                self._fail(f"an array of {count} elements cannot fit")
+            return [self._value(itype) for _ in range(count)]
+        self._fail(f"unknown metadata value type {vtype}")
+
+    # ---- the file ----------------------------------------------------------------------------
+    def _parse(self):
+        if len(self.buf) < 24 or bytes(self.buf[:4]) != b"GGUF":
+            raise CheckpointError(f"{self.path}: not a GGUF file (no GGUF magic)")
+        self.pos = 4
+        version = self._scalar("I")
+        if version not in (2, 3):
+            raise CheckpointError(f"{self.path}: GGUF version {version} is not supported (2, 3)")
+        n_tensors, n_kv = self._scalar("Q"), self._scalar("Q")
+        if n_kv * 12 > len(self.buf) or n_tensors * 24 > len(self.buf):
+            self._fail(f"{n_kv} metadata entries / {n_tensors} tensors cannot fit")
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._scalar("I"))
+        infos = [self._tensor_info() for _ in range(n_tensors)]
+        align = self.metadata.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise CheckpointError(f"{self.path}: general.alignment {align!r} is not a power of two")
+        start = -(-self.pos // align) * align
+        self.tensors = [self._tensor(start, *info) for info in infos]
+
+    def _tensor_info(self):
+        name = self._string()
+        n_dims = self._scalar("I")
+        if not 1 <= n_dims <= MAX_DIMS:
+            self._fail(f"tensor {name!r} has {n_dims} dimensions")
+        dims = [self._scalar("Q") for _ in range(n_dims)]
+        return name, dims, self._scalar("I"), self._scalar("Q")
+
+    def _tensor(self, start, name, dims, raw_type, offset) -> TensorInfo:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        try:
+            qtype = GGMLQuantizationType(raw_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unknown GGML type "
+                                  f"{raw_type}") from None
+        if any(d <= 0 for d in dims) or dims[0] % block:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dims {dims}, not whole "
+                                  f"blocks of {block} for {qtype.name}")
+        row_bytes = dims[0] // block * type_size
+        rows = int(np.prod(dims[1:], dtype=object))
+        begin, nbytes = start + offset, rows * row_bytes
+        if begin + nbytes > len(self.buf):
+            raise CheckpointError(f"{self.path}: tensor {name!r} ({nbytes} bytes at offset "
+                                  f"{offset}) runs beyond the end of the file: truncated?")
+        data = self.buf[begin:begin + nbytes].reshape(rows, row_bytes)
+        return TensorInfo(name, tuple(reversed(dims)), qtype, data)
+
+
+def read_gguf(path: str) -> GGUFFile:
+    return GGUFFile(os.fspath(path))
+
+
+__all__ = ["GGUFFile", "TensorInfo", "read_gguf"]
