@@ -7,9 +7,10 @@
 
 from .config import GemmaConfig
 from .errors import CheckpointError, CheckpointNotFound, TinyGemmaError
+from .generate import generate, stream
 from .loader import load, load_demo
 from .model import Gemma, KVCache
 
-__all__ = ["GemmaConfig", "Gemma", "KVCache", "load", "load_demo",
+__all__ = ["GemmaConfig", "Gemma", "KVCache", "load", "load_demo", "generate", "stream",
            "TinyGemmaError", "CheckpointError", "CheckpointNotFound"]
 __version__ = "0.1.0"
