@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from .errors import CheckpointError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+# Every name a Gemma config.json uses for its activation; all mean the tanh approximation
+# (official Gemma code uses it even where an early config.json says "gelu").
+_GELUS = {"gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_tanh"}
 
 
 @dataclass(frozen=True)
@@ -54,16 +57,16 @@ class GemmaConfig:
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
-        if not self.layer_types:
-            object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
-        if len(self.layer_types) != self.num_layers:
-            raise CheckpointError(
-                f"config: {len(self.layer_types)} layer_types for {self.num_layers} layers")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise CheckpointError(f"config: {name} must be a positive integer, "
                                       f"got {getattr(self, name)!r}")
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
+        if len(self.layer_types) != self.num_layers:
+            raise CheckpointError(
+                f"config: {len(self.layer_types)} layer_types for {self.num_layers} layers")
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(f"config: num_heads {self.num_heads} is not a multiple of "
                                   f"num_kv_heads {self.num_kv_heads}")
@@ -112,6 +115,9 @@ class GemmaConfig:
         family = {"gemma": 1, "gemma2": 2, "gemma3": 3, "gemma3_text": 3}.get(model_type)
         if family is None:
             raise CheckpointError(f"{where}: model_type {model_type!r} is not Gemma 1, 2 or 3")
+        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in _GELUS:  # Gemma's MLP is GeGLU; old files say "gelu" but mean tanh
+            raise CheckpointError(f"{where}: activation {act!r} is not Gemma's GELU")
         try:
             n_layers = d["num_hidden_layers"]
             n_heads = d["num_attention_heads"]
