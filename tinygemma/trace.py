@@ -1,0 +1,54 @@
+"""Stepping through a forward pass: the names ``model.trace(ids)`` records, and layer diffs.
+
+``model.trace(ids)`` returns a dict with, in order of computation::
+
+    embed                          [T, D]     scaled token embeddings
+    layers.{i}.attn_norm           [T, D]     pre-attention RMSNorm output
+    layers.{i}.q / k / v           [H|K, T, d] after QK-norm and RoPE (v: no RoPE)
+    layers.{i}.attn_probs          [H, T, T]  softmax(q k^T * scale + mask)
+    layers.{i}.attn_out            [T, D]     attention output after the o projection
+    layers.{i}.post_attn_norm      [T, D]     Gemma 2/3 sandwich norm of attn_out
+    layers.{i}.resid_attn          [T, D]     residual stream after the attention sub-layer
+    layers.{i}.mlp_norm            [T, D]     pre-MLP RMSNorm output
+    layers.{i}.gate / up           [T, F]     the two GeGLU projections (gate before GELU)
+    layers.{i}.mlp_out             [T, D]     MLP output after the down projection
+    layers.{i}.post_mlp_norm       [T, D]     Gemma 2/3 sandwich norm of mlp_out
+    layers.{i}.resid_mlp           [T, D]     residual stream after the block (the layer output)
+    final_norm                     [T, D]
+    logits                         [T, V]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SUBLAYER_NAMES = ("attn_norm", "q", "k", "v", "attn_probs", "attn_out", "post_attn_norm",
+                  "resid_attn", "mlp_norm", "gate", "up", "mlp_out", "post_mlp_norm", "resid_mlp")
+
+
+def residual_stream(tape: dict[str, np.ndarray], num_layers: int) -> list[np.ndarray]:
+    """The residual stream entering each layer, then the last layer's output: ``L + 1`` arrays."""
+    return [tape["embed"]] + [tape[f"layers.{i}.resid_mlp"] for i in range(num_layers)]
+
+
+def layer_diffs(tape: dict[str, np.ndarray], reference: np.ndarray,
+                num_layers: int) -> list[tuple[str, float, float]]:
+    """``(name, max|ours - reference|, max|reference|)`` along the residual stream.
+
+    ``reference`` is ``[L + 1, T, D]``: transformers' hidden states (the embeddings, then each
+    layer's output).
+    """
+    ours = residual_stream(tape, num_layers)
+    names = ["embed"] + [f"layers.{i}.resid_mlp" for i in range(num_layers)]
+    return [(n, float(np.max(np.abs(a - b))), float(np.max(np.abs(b))))
+            for n, a, b in zip(names, ours, reference)]
+
+
+def first_drift(tape: dict[str, np.ndarray], reference: np.ndarray, num_layers: int,
+                rtol: float = 1e-4) -> str:
+    """A report naming the first intermediate whose error exceeds ``rtol`` of its scale."""
+    rows = layer_diffs(tape, reference, num_layers)
+    lines = [f"  {n:24s} max|Δ| {d:.3g}  (scale {s:.3g})" for n, d, s in rows]
+    bad = next((n for n, d, s in rows if d > rtol * max(s, 1e-30)), None)
+    head = f"first drifting intermediate: {bad}" if bad else "no intermediate drifts"
+    return "\n".join([head, *lines])
