@@ -26,22 +26,21 @@ SUBLAYER_NAMES = ("attn_norm", "q", "k", "v", "attn_probs", "attn_out", "post_at
                   "resid_attn", "mlp_norm", "gate", "up", "mlp_out", "post_mlp_norm", "resid_mlp")
 
 
-def residual_stream(tape: dict[str, np.ndarray], num_layers: int) -> list[np.ndarray]:
-    """The residual stream entering each layer, then the last layer's output: ``L + 1`` arrays."""
-    return [tape["embed"]] + [tape[f"layers.{i}.resid_mlp"] for i in range(num_layers)]
+def hidden_state_names(num_layers: int) -> list[str]:
+    """Our names for transformers' ``hidden_states``: the embeddings, the output of every layer
+    but the last, then the last layer's output after the final norm (``L + 1`` entries)."""
+    return ["embed"] + [f"layers.{i}.resid_mlp" for i in range(num_layers - 1)] + ["final_norm"]
 
 
 def layer_diffs(tape: dict[str, np.ndarray], reference: np.ndarray,
                 num_layers: int) -> list[tuple[str, float, float]]:
     """``(name, max|ours - reference|, max|reference|)`` along the residual stream.
 
-    ``reference`` is ``[L + 1, T, D]``: transformers' hidden states (the embeddings, then each
-    layer's output).
+    ``reference`` is ``[L + 1, T, D]``, transformers' ``output_hidden_states``.
     """
-    ours = residual_stream(tape, num_layers)
-    names = ["embed"] + [f"layers.{i}.resid_mlp" for i in range(num_layers)]
-    return [(n, float(np.max(np.abs(a - b))), float(np.max(np.abs(b))))
-            for n, a, b in zip(names, ours, reference)]
+    names = hidden_state_names(num_layers)
+    return [(n, float(np.max(np.abs(tape[n] - ref))), float(np.max(np.abs(ref))))
+            for n, ref in zip(names, reference)]
 
 
 def first_drift(tape: dict[str, np.ndarray], reference: np.ndarray, num_layers: int,
