@@ -71,4 +71,4 @@ def test_gguf_norms_hold_one_plus_w_and_are_read_once():
     stored = next(t for t in read_gguf(path).tensors if t.name == "blk.0.attn_norm.weight")
     model = tg.load(path, fast=False)
     np.testing.assert_array_equal(model.weights["layers.0.attn_norm"] + np.float32(1),
-                                  stored.data.view(np.float32))
+                                  stored.data.view(np.float32).reshape(-1))

@@ -62,9 +62,10 @@ def test_last_only_and_kv_cache_decoding_equal_the_full_forward(model_and_ref):
     model, ref = model_and_ref
     ids = ref[f"ids_{prompts(ref)[-1]}"][:60]
     full = model.forward(ids)
-    np.testing.assert_array_equal(model.forward(ids, last_only=True), full[-1:])
+    scale = np.abs(full).max()
+    # BLAS sums a one-row product in another order than a many-row one: equal to rounding
+    np.testing.assert_allclose(model.forward(ids, last_only=True), full[-1:], atol=1e-6 * scale, rtol=0)
     cache = model.new_cache(len(ids))
     steps = [model.forward(ids[:20], cache=cache)]
     steps += [model.forward(ids[t:t + 1], cache=cache) for t in range(20, len(ids))]
-    scale = np.abs(full).max()
     np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-5 * scale, rtol=0)
