@@ -1,0 +1,707 @@
+"""Gemma's tokenizer: SentencePiece BPE, from a ``tokenizer.model`` or from a GGUF vocabulary.
+
+Gemma tokenizes with SentencePiece in BPE mode: byte fallback (a character missing from the
+vocabulary becomes its UTF-8 bytes, ``<0xE2>`` ...), digits split one by one, no dummy prefix
+(``"hi"`` and ``" hi"`` tokenize differently), no Unicode normalization, spaces written ``▁``.
+BOS is always prepended.
+
+Two sources, one tokenizer:
+
+* A Hugging Face checkpoint folder ships ``tokenizer.model``, a serialized SentencePiece
+  ``ModelProto``; SentencePiece loads it as it is.
+* A GGUF file stores the vocabulary as three arrays (``tokenizer.ggml.tokens``, ``scores``,
+  ``token_type``). We write them back into a ``ModelProto`` by hand (the protobuf wire format
+  is a few lines, see :func:`build_model_proto`) and load that. Two GGUF traps: the
+  whitespace-run pieces are stored with literal spaces (llama.cpp's spelling) and must be
+  respelled ``▁▁``..., or SentencePiece never matches them; and ``<unk>`` is stored as a
+  CONTROL piece, while SentencePiece needs exactly one UNKNOWN piece.
+
+Control pieces (``<bos>``, ``<start_of_turn>``, ``<end_of_turn>``, ``<unused0>`` ...) are never
+produced by SentencePiece's BPE from text. transformers treats them as special tokens that are
+cut out of the text first (leftmost, longest match) and BPE runs on the text between them;
+:meth:`Tokenizer.encode` does the same, so ``"<start_of_turn>user\\n"`` is three tokens:
+``<start_of_turn>``, ``user``, ``\\n``.
+
+One place where transformers and SentencePiece disagree: a run of more spaces than the longest
+whitespace piece (31 in Gemma). SentencePiece takes the longest piece first (40 spaces: 31 + 9);
+transformers merges pairwise (16 + 24). We follow transformers, the project's reference
+(see :class:`_SpaceRuns`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+import numbers
+import os
+import re
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+
+import sentencepiece as spm
+
+__all__ = ["Tokenizer", "StreamDecoder", "build_model_proto", "render_chat"]
+
+# SentencePiece piece types (sentencepiece_model.proto, ModelProto.SentencePiece.Type).
+# GGUF's tokenizer.ggml.token_type uses the same numbers.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+SPACE = "\u2581"  # '▁', SentencePiece's spelling of a space
+
+GGUF_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+
+
+# ---------------------------------------------------------------------------------------------
+# The protobuf wire format, just enough to write a SentencePiece ModelProto.
+#
+# A message is a sequence of fields; each field is a key varint (field_number << 3 | wire_type)
+# followed by its value: wire type 0 a varint (ints, bools, enums), 2 a length-prefixed byte
+# string (strings, nested messages), 5 four little-endian bytes (float).
+# Field numbers are those of sentencepiece_model.proto:
+#   ModelProto      { repeated SentencePiece pieces = 1; TrainerSpec trainer_spec = 2;
+#                     NormalizerSpec normalizer_spec = 3; }
+#   SentencePiece   { string piece = 1; float score = 2; Type type = 3; }
+#   TrainerSpec     { model_type = 3 (BPE = 2); vocab_size = 4; split_digits = 25;
+#                     allow_whitespace_only_pieces = 26; byte_fallback = 35; unk_id = 40;
+#                     bos_id = 41; eos_id = 42; pad_id = 43; unk_piece = 45; bos_piece = 46;
+#                     eos_piece = 47; pad_piece = 48; }
+#   NormalizerSpec  { name = 1; add_dummy_prefix = 3; remove_extra_whitespaces = 4;
+#                     escape_whitespaces = 5; }
+# ---------------------------------------------------------------------------------------------
+
+def _varint(n: int) -> bytes:
+    """Base-128 varint; negative int32 values are written as 64-bit two's complement."""
+    n &= (1 << 64) - 1
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [bytes([n]) for n in range(0x80)]
+
+
+def _int_field(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _varint(int(value))
+
+
+def _bytes_field(number: int, value: bytes | str) -> bytes:
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def _pieces_field(pieces: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> bytes:
+    """Every SentencePiece{piece = 1, score = 2, type = 3} as a ModelProto.pieces (1) field.
+
+    The hot loop of building a 262K vocabulary, so the keys are written as constants:
+    0x0A field 1 bytes, 0x15 field 2 float, 0x18 field 3 varint.
+    """
+    packed = struct.pack(f"<{len(scores)}f", *scores)
+    out = bytearray()
+    for k, (piece, kind) in enumerate(zip(pieces, types)):
+        raw = piece.encode("utf-8")
+        body = (b"\x0a" + _varint(len(raw)) + raw + b"\x15" + packed[4 * k:4 * k + 4]
+                + b"\x18" + _varint(kind))
+        out += b"\x0a" + _varint(len(body)) + body
+    return bytes(out)
+
+
+def build_model_proto(pieces: Sequence[str], scores: Sequence[float], types: Sequence[int],
+                      *, unk_id: int, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1,
+                      add_dummy_prefix: bool = False) -> bytes:
+    """A serialized SentencePiece BPE ``ModelProto`` for Gemma's settings.
+
+    ``pieces`` must already be in SentencePiece's spelling (spaces as ``▁``) and ``types``
+    hold exactly one UNKNOWN piece (at ``unk_id``). Only the fields that change how text is
+    encoded matter to SentencePiece at run time (model type, byte fallback, the normalizer);
+    the special ids and pieces are written too so that the model file is self-describing.
+    """
+    def piece_or_empty(i):
+        return pieces[i] if 0 <= i < len(pieces) else ""
+
+    trainer = b"".join([
+        _int_field(3, 2),                    # model_type: BPE
+        _int_field(4, len(pieces)),          # vocab_size
+        _int_field(25, 1),                   # split_digits
+        _int_field(26, 1),                   # allow_whitespace_only_pieces
+        _int_field(35, 1),                   # byte_fallback
+        _int_field(40, unk_id), _int_field(41, bos_id),
+        _int_field(42, eos_id), _int_field(43, pad_id),
+        _bytes_field(45, piece_or_empty(unk_id)), _bytes_field(46, piece_or_empty(bos_id)),
+        _bytes_field(47, piece_or_empty(eos_id)), _bytes_field(48, piece_or_empty(pad_id)),
+    ])
+    normalizer = b"".join([
+        _bytes_field(1, "identity"),         # no Unicode normalization (no NFKC)
+        _int_field(3, int(add_dummy_prefix)),
+        _int_field(4, 0),                    # remove_extra_whitespaces: keep every space
+        _int_field(5, 1),                    # escape_whitespaces: ' ' -> '▁'
+    ])
+    return (_pieces_field(pieces, scores, types) + _bytes_field(2, trainer)
+            + _bytes_field(3, normalizer))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a GGUF vocabulary
+# ---------------------------------------------------------------------------------------------
+
+def _gguf_metadata(source) -> Mapping:
+    """The tokenizer.ggml.* values from a GGUFReader, a metadata mapping or a .gguf path."""
+    if isinstance(source, (str, os.PathLike)):
+        import gguf
+        source = gguf.GGUFReader(os.fspath(source))
+    if isinstance(source, Mapping):
+        return source
+    fields = getattr(source, "fields", None)
+    if fields is None:
+        raise TypeError(f"from_gguf wants a gguf.GGUFReader, a metadata dict or a path, "
+                        f"not {type(source).__name__}")
+    return {k: _reader_value(f) for k, f in fields.items() if k.startswith("tokenizer.")}
+
+
+def _reader_value(field):
+    """A GGUFReader field as a Python value (str, number, bool or list)."""
+    if hasattr(field, "contents"):
+        return field.contents()
+    # Older gguf packages: field.data indexes the parts that hold the value(s).
+    values = [field.parts[i] for i in field.data]
+    decoded = [bytes(v).decode("utf-8") if v.dtype == "uint8" else v.tolist()[0] for v in values]
+    return decoded if len(field.types) > 1 else decoded[0]
+
+
+def _respell(piece: str, kind: int) -> str:
+    """A GGUF piece in SentencePiece's spelling: literal spaces back to '▁'.
+
+    llama.cpp writes the user-defined whitespace runs ("  ", "   " ...) with real spaces.
+    SentencePiece matches pieces against the text after turning spaces into '▁', so a piece
+    spelled with spaces would never match. Control and byte pieces are left alone.
+    """
+    if kind in (CONTROL, BYTE) or " " not in piece:
+        return piece
+    return piece.replace(" ", SPACE)
+
+
+def _gguf_vocab(meta: Mapping):
+    """(pieces, scores, types, special ids) from GGUF metadata, checked."""
+    missing = [k for k in GGUF_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"the GGUF metadata has no {', '.join(missing)}: no vocabulary to build "
+                         "a tokenizer from")
+    model = meta.get("tokenizer.ggml.model", "llama")
+    if model != "llama":
+        raise ValueError(f"GGUF tokenizer model {model!r} is not a SentencePiece vocabulary "
+                         "(Gemma's is 'llama')")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    scores = [float(s) for s in meta["tokenizer.ggml.scores"]]
+    types = [int(t) for t in meta["tokenizer.ggml.token_type"]]
+    if not len(tokens) == len(scores) == len(types):
+        raise ValueError(f"GGUF vocabulary arrays disagree in length: {len(tokens)} tokens, "
+                         f"{len(scores)} scores, {len(types)} types")
+    special = {name: meta.get(f"tokenizer.ggml.{key}") for name, key in
+               (("unk", "unknown_token_id"), ("bos", "bos_token_id"),
+                ("eos", "eos_token_id"), ("pad", "padding_token_id"))}
+    for name, i in special.items():
+        if i is not None and not 0 <= int(i) < len(tokens):
+            raise ValueError(f"GGUF {name} token id {i} is outside the vocabulary "
+                             f"of {len(tokens)}")
+    return tokens, scores, types, special
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer
+# ---------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """Text <-> Gemma token ids, matching transformers' Gemma tokenizer.
+
+    Build it with :meth:`from_file` (``tokenizer.model``) or :meth:`from_gguf`.
+    """
+
+    def __init__(self, model_proto: bytes, source: str = "<model proto>",
+                 piece_types: Sequence[int] | None = None,
+                 special_text: Mapping[int, str] | None = None,
+                 special_ids: Mapping[str, int | None] | None = None):
+        """Load a serialized SentencePiece ModelProto.
+
+        Usually called through :meth:`from_file` or :meth:`from_gguf`. ``piece_types`` (the
+        SentencePiece type of every id) saves asking SentencePiece for them one by one;
+        ``special_text`` maps control ids to the text that stands for them in a prompt (by
+        default their piece); ``special_ids`` may pin bos/eos/pad (a GGUF states them),
+        otherwise they are found by their piece.
+        """
+        self.source = source
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(model_proto)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError with C++ text
+            raise ValueError(f"{source}: not a valid SentencePiece model ({e})") from None
+        self.model_proto = bytes(model_proto)
+        n = self.sp.get_piece_size()
+        self._pieces = self.sp.id_to_piece(list(range(n)))
+        types = list(piece_types) if piece_types is not None else self._types_from_sp()
+        self._build_tables(types, special_text or {})
+        self._find_special_ids(special_ids or {})
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        """From a SentencePiece ``tokenizer.model`` (or a folder holding one)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.model")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such tokenizer.model")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise OSError(f"{path}: cannot read the tokenizer model ({e.strerror or e})") from None
+        if not data:
+            raise ValueError(f"{path}: the tokenizer model is empty")
+        return cls(data, source=path)
+
+    @classmethod
+    def from_gguf(cls, reader) -> "Tokenizer":
+        """From a GGUF vocabulary: a ``gguf.GGUFReader``, its metadata as a dict, or a path.
+
+        The GGUF says which pieces are control/user-defined/byte; we rebuild the SentencePiece
+        BPE model from that (see the module docstring for the two spelling traps).
+        """
+        meta = _gguf_metadata(reader)
+        tokens, scores, types, special = _gguf_vocab(meta)
+        unk = special.pop("unk")
+        if unk is None:
+            unk = next((i for i, t in enumerate(tokens) if t == "<unk>"), None)
+        if unk is None:
+            raise ValueError("the GGUF vocabulary has no unknown token (tokenizer.ggml."
+                             "unknown_token_id, or a '<unk>' piece); SentencePiece needs one")
+        # SentencePiece wants exactly one UNKNOWN piece; GGUF marks <unk> as CONTROL.
+        types = [UNKNOWN if i == unk else (CONTROL if t == UNKNOWN else t)
+                 for i, t in enumerate(types)]
+        pieces = [_respell(p, t) for p, t in zip(tokens, types)]
+        _check_pieces(pieces)
+        proto = build_model_proto(
+            pieces, scores, types, unk_id=unk,
+            **{f"{k}_id": (-1 if v is None else v) for k, v in special.items()},
+            add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", False)))
+        # A special piece is written in a prompt as its GGUF spelling (e.g. "<unk>").
+        special_text = {i: tokens[i] for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)}
+        return cls(proto, source="GGUF vocabulary", piece_types=types,
+                   special_text=special_text, special_ids=special)
+
+    def _types_from_sp(self) -> list[int]:
+        """Each piece's type, asked of SentencePiece (a tokenizer.model states them).
+
+        SentencePiece's API has no test for USER_DEFINED; those come out NORMAL, which is all
+        the tables below need.
+        """
+        sp = self.sp
+
+        def kind(i):
+            return (CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i)
+                    else BYTE if sp.is_byte(i) else UNUSED if sp.is_unused(i) else NORMAL)
+        return [kind(i) for i in range(len(self._pieces))]
+
+    def _build_tables(self, types: Sequence[int], special_text: Mapping[int, str]):
+        """What each id decodes to, which ids are special, and how to find specials in text."""
+        if len(types) != len(self._pieces):
+            raise ValueError(f"{len(types)} piece types for {len(self._pieces)} pieces")
+        special = [i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)]
+        self._special_text = {i: special_text.get(i, self._pieces[i]) for i in special}
+        self._special_ids = frozenset(special)
+        self._bytes = [self._decoded_bytes(i, t) for i, t in enumerate(types)]
+        self._special_by_text = {t: i for i, t in self._special_text.items() if t}
+        self._special_finder = _SpecialFinder(self._special_by_text)
+        self._space_runs = _SpaceRuns(self._pieces, types)
+
+    def _decoded_bytes(self, i: int, kind: int) -> bytes:
+        """What id ``i`` contributes to decoded text, as UTF-8 bytes.
+
+        Byte pieces give their one byte (so a character split over several byte pieces is
+        reassembled), special pieces their literal text (as transformers' decode with
+        ``skip_special_tokens=False``), other pieces their text with '▁' as a space.
+        """
+        if i in self._special_text:
+            return self._special_text[i].encode("utf-8")
+        piece = self._pieces[i]
+        if kind == BYTE:
+            return bytes([int(piece[3:5], 16)])  # "<0xE2>"
+        return piece.replace(SPACE, " ").encode("utf-8")
+
+    def _find_special_ids(self, pinned: Mapping[str, int | None]):
+        """bos/eos/pad from the source's own statement, else by piece; chat-turn ids by piece."""
+        names = {"bos": ("<bos>", "<s>"), "eos": ("<eos>", "</s>"), "pad": ("<pad>",)}
+        ids = {}
+        for name, candidates in names.items():
+            ids[name] = pinned.get(name)
+            if ids[name] is None:
+                ids[name] = self._id_of(*candidates)
+        self._bos, self._eos, self._pad = ids["bos"], ids["eos"], ids["pad"]
+        self._start_of_turn = self._id_of("<start_of_turn>")
+        self._end_of_turn = self._id_of("<end_of_turn>")
+
+    def _id_of(self, *pieces: str) -> int | None:
+        for piece in pieces:
+            i = self._special_by_text.get(piece)
+            if i is None:
+                i = self.sp.piece_to_id(piece)
+                if i == self.sp.unk_id() and piece != self._pieces[i]:
+                    i = None
+            if i is not None:
+                return i
+        return None
+
+    # ---- the vocabulary -------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad
+
+    @property
+    def start_of_turn_id(self) -> int | None:
+        return self._start_of_turn
+
+    @property
+    def end_of_turn_id(self) -> int | None:
+        return self._end_of_turn
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end generation: EOS, and ``<end_of_turn>`` (the end of a chat turn)."""
+        return frozenset(i for i in (self._eos, self._end_of_turn) if i is not None)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The control (and unknown) ids: cut out of text whole, skipped on request in decode."""
+        return self._special_ids
+
+    def id_to_piece(self, i: int) -> str:
+        """The piece of id ``i`` in SentencePiece's spelling (spaces as '▁')."""
+        return self._pieces[self._check_id(i)]
+
+    def piece_to_id(self, piece: str) -> int | None:
+        """The id of a piece (SentencePiece spelling, or a special's text), None if absent."""
+        return self._id_of(piece)
+
+    def save_model(self, path: str | os.PathLike) -> None:
+        """Write the SentencePiece model as a ``tokenizer.model`` file."""
+        with open(path, "wb") as f:
+            f.write(self.model_proto)
+
+    def __repr__(self):
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+    # ---- encode ---------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text``, BOS first (unless ``add_bos=False``).
+
+        Special pieces written in the text (``<start_of_turn>``, ``<bos>`` ...) become their
+        single id, as in transformers; so text that already starts with ``"<bos>"`` gets a
+        second BOS unless ``add_bos=False``.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode() wants a str, not {type(text).__name__}")
+        ids = [self._bos] if add_bos and self._bos is not None else []
+        for chunk in self._special_finder.split(text):
+            if isinstance(chunk, int):
+                ids.append(chunk)
+            else:
+                ids.extend(self._encode_plain(chunk))
+        return ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """BPE of text holding no special piece; long space runs cut as transformers does."""
+        ids = []
+        for part in self._space_runs.split(text):
+            ids.extend(part if isinstance(part, list) else self.sp.encode(part))
+        return ids
+
+    # ---- decode ---------------------------------------------------------------------------
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of ``ids``.
+
+        As transformers' ``decode``: special pieces appear as their text (``<bos>``,
+        ``<end_of_turn>``) unless ``skip_special_tokens``; byte pieces are joined into
+        characters. Malformed UTF-8 (e.g. a character cut short) becomes U+FFFD.
+        ``decode(encode(t)[1:]) == t`` for every string ``t`` without a literal '▁' (which
+        is SentencePiece's space, so it comes back as ' ', as in transformers).
+        """
+        stream = self.stream_decoder(skip_special_tokens)
+        return "".join(stream.push(i) for i in ids) + stream.flush()
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> "StreamDecoder":
+        """An incremental decoder for generation (see :class:`StreamDecoder`)."""
+        return StreamDecoder(self, skip_special_tokens)
+
+    def _check_id(self, i) -> int:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"token ids are ints, not {type(i).__name__} ({i!r})")
+        i = int(i)
+        if not 0 <= i < len(self._pieces):
+            raise ValueError(f"token id {i} is outside the vocabulary (0..{len(self._pieces) - 1})")
+        return i
+
+    # ---- chat -----------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
+                            tokenize: bool = True) -> list[int] | str:
+        """A conversation in Gemma's chat format, as ids (one BOS) or as the string.
+
+        ``<bos><start_of_turn>user\\n{content}<end_of_turn>\\n<start_of_turn>model\\n{content}``
+        ``<end_of_turn>\\n`` ... and, with ``add_generation_prompt``, a final
+        ``<start_of_turn>model\\n`` for the model to continue. This is the official Gemma 3
+        template:
+
+        * roles are ``user`` and ``model`` (``assistant`` is accepted as ``model``), strictly
+          alternating, starting with ``user``;
+        * each message's content is stripped of surrounding whitespace;
+        * Gemma has no system role: a ``system`` message, allowed only first, is folded into
+          the first user turn as ``system_content + "\\n\\n"`` before that turn's (stripped)
+          content. As in the official template, the system text itself is not stripped.
+
+        The string starts with ``"<bos>"``; the ids are the string's tokens without adding
+        another BOS, so they hold exactly one (the double-BOS trap).
+        """
+        text = render_chat(messages, add_generation_prompt,
+                           self._special_text.get(self._bos, "<bos>") if self._bos is not None
+                           else "")
+        return self.encode(text, add_bos=False) if tokenize else text
+
+
+class StreamDecoder:
+    """Incremental detokenizer for generation: ``push(id)`` returns the text now complete.
+
+    Each id adds its bytes (:meth:`Tokenizer._decoded_bytes`) to an incremental UTF-8 decoder,
+    so a character spread over several byte-fallback pieces (an emoji is four ``<0x..>``
+    pieces) is held back until its last byte arrives and then comes out whole. ``flush()``
+    ends the stream (an unfinished character becomes U+FFFD). The pieces joined equal
+    ``tokenizer.decode(ids)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        tok = self.tokenizer
+        i = tok._check_id(token_id)
+        if self.skip_special_tokens and i in tok._special_ids:
+            return ""
+        return self._utf8.decode(tok._bytes[i])
+
+    def flush(self) -> str:
+        """The text still held back (an unfinished character as U+FFFD); resets the decoder."""
+        tail = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return tail
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def _check_pieces(pieces: Sequence[str]) -> None:
+    """SentencePiece refuses empty or repeated pieces with a C++ message; say which."""
+    if len(set(pieces)) == len(pieces) and all(pieces):
+        return
+    seen = {}
+    for i, p in enumerate(pieces):
+        if not p:
+            raise ValueError(f"vocabulary piece {i} is empty")
+        j = seen.setdefault(p, i)
+        if j != i:
+            raise ValueError(f"vocabulary pieces {j} and {i} are both {p!r}")
+
+
+class _SpecialFinder:
+    """Cuts text at special pieces: leftmost, longest match, as transformers' added tokens.
+
+    6K control pieces make one big regex alternation slow to compile (~0.6 s), so a
+    character class finds where a special piece may start and a set lookup per candidate
+    length confirms it.
+    """
+
+    def __init__(self, special_by_text: Mapping[str, int]):
+        self.ids = dict(special_by_text)
+        lengths: dict[str, set[int]] = {}
+        for text in self.ids:
+            lengths.setdefault(text[0], set()).add(len(text))
+        self.lengths = {c: sorted(ls, reverse=True) for c, ls in lengths.items()}
+        self.starts = (re.compile("[" + "".join(map(re.escape, sorted(self.lengths))) + "]")
+                       if self.ids else None)
+
+    def split(self, text: str) -> list[str | int]:
+        """Plain text runs (str) and special ids (int), in order."""
+        if self.starts is None:
+            return [text] if text else []
+        out, done, pos = [], 0, 0
+        while (m := self.starts.search(text, pos)) is not None:
+            i = m.start()
+            match = next((text[i:i + n] for n in self.lengths[text[i]]
+                          if text[i:i + n] in self.ids), None)
+            if match is None:
+                pos = i + 1
+                continue
+            if i > done:
+                out.append(text[done:i])
+            out.append(self.ids[match])
+            done = pos = i + len(match)
+        if done < len(text):
+            out.append(text[done:])
+        return out
+
+
+class _SpaceRuns:
+    """The ids transformers gives a run of spaces longer than the longest whitespace piece.
+
+    Gemma's vocabulary has user-defined pieces for runs of 2..31 spaces. SentencePiece (and
+    llama.cpp) match them longest first: 40 spaces -> 31 + 9. transformers' Gemma tokenizer
+    keeps them as ordinary BPE vocabulary whose merges rank before every other merge, so a
+    long run is merged pairwise: 40 spaces -> 16 + 24, and 32 spaces before "y" give
+    16 + 16 + "y" where SentencePiece gives 31 + "▁y". Runs up to the longest piece agree.
+    We follow transformers (the project's reference): such a run is cut out of the text and
+    merged here by the same rule -- the pair whose merged piece has the lowest id first, then
+    the longer left part, then the leftmost.
+    """
+
+    def __init__(self, pieces: Sequence[str], types: Sequence[int]):
+        # By spelling: SentencePiece's API cannot tell a user-defined piece from a normal one.
+        self.ids = {len(p): i for i, (p, t) in enumerate(zip(pieces, types))
+                    if t in (NORMAL, USER_DEFINED) and len(p) > 1 and set(p) == {SPACE}}
+        # A lone space left over would merge with the next character in transformers; with
+        # Gemma's pieces (every run from 2 to 31) a long run never leaves one.
+        self.ids[1] = next((i for i, p in enumerate(pieces) if p == SPACE), None)
+        shortest = max(self.ids) + 1  # the shortest run that needs cutting
+        self.active = shortest > 2 and self.ids[1] is not None
+        self.needle = " " * shortest
+        self.pattern = re.compile(" {%d,}" % shortest)
+        self._cache: dict[int, list[int]] = {}
+
+    def split(self, text: str) -> list[str | list[int]]:
+        """Text runs (str) and the ids of long space runs (list), in order."""
+        if not self.active or self.needle not in text:
+            return [text]
+        out, done = [], 0
+        for m in self.pattern.finditer(text):
+            if m.start() > done:
+                out.append(text[done:m.start()])
+            out.append(self.run_ids(m.end() - m.start()))
+            done = m.end()
+        if done < len(text):
+            out.append(text[done:])
+        return out
+
+    def run_ids(self, n: int) -> list[int]:
+        if n not in self._cache:
+            self._cache[n] = [self.ids[k] for k in self.merge(n)]
+        return list(self._cache[n])
+
+    def merge(self, n: int) -> list[int]:
+        """BPE over n single spaces with only the whitespace merges; returns the run lengths.
+
+        The usual BPE loop: a heap of adjacent pairs keyed by merge rank then position; a
+        popped pair is stale if either side has been merged since.
+        """
+        length = [1] * n                      # run length starting at each position (0: gone)
+        nxt = list(range(1, n + 1))           # the next live position (n: the end)
+        prv = list(range(-1, n - 1))
+        heap = []
+
+        def push(p):
+            q = nxt[p] if p >= 0 else n
+            if p >= 0 and q < n and length[p] + length[q] in self.ids:
+                a, b = length[p], length[q]
+                heapq.heappush(heap, (self.ids[a + b], -a, p, a, b))
+
+        for p in range(n - 1):
+            push(p)
+        while heap:
+            _, _, p, a, b = heapq.heappop(heap)
+            q = nxt[p]
+            if length[p] != a or q >= n or length[q] != b:
+                continue  # stale
+            length[p], length[q] = a + b, 0
+            nxt[p] = nxt[q]
+            if nxt[q] < n:
+                prv[nxt[q]] = p
+            push(prv[p])
+            push(p)
+        return [k for k in length if k]
+
+
+def _content(message: Mapping, index: int) -> str | list[str]:
+    """A message's text: a str, or a list of ``{"type": "text", "text": ...}`` parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not (isinstance(part, Mapping) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise ValueError(f"message {index}: only text content is supported "
+                                 f"(got part {part!r})")
+            texts.append(part["text"])
+        return texts
+    raise ValueError(f"message {index}: content must be a str (got {type(content).__name__})")
+
+
+def _stripped(content) -> str:
+    """Content stripped as the template's ``| trim`` (each text part on its own)."""
+    if isinstance(content, list):
+        return "".join(t.strip() for t in content)
+    return content.strip()
+
+
+def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = True,
+                bos: str = "<bos>") -> str:
+    """The Gemma chat string (see :meth:`Tokenizer.apply_chat_template`)."""
+    if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content': {m!r}")
+    if not messages:
+        raise ValueError("no messages: a conversation needs at least one user message")
+    prefix, turns = "", list(enumerate(messages))
+    if turns and turns[0][1]["role"] == "system":
+        system = _content(turns[0][1], 0)
+        # As the official template: not stripped; of a list of parts, the first one's text.
+        prefix = (system if isinstance(system, str) else (system or [""])[0]) + "\n\n"
+        turns = turns[1:]
+        if not turns:
+            raise ValueError("a system message must be followed by a user message "
+                             "(Gemma folds it into the first user turn)")
+    parts = [bos]
+    for n, (i, m) in enumerate(turns):
+        role = {"assistant": "model"}.get(m["role"], m["role"])
+        if role == "system":
+            raise ValueError(f"message {i}: a system message is allowed only first "
+                             "(Gemma has no system role; it is folded into the first user turn)")
+        if role not in ("user", "model"):
+            raise ValueError(f"message {i}: unknown role {m['role']!r} "
+                             "(Gemma knows user and model/assistant)")
+        expected = "user" if n % 2 == 0 else "model"
+        if role != expected:
+            raise ValueError(f"message {i}: roles must alternate user/model starting with user; "
+                             f"expected {expected}, got {m['role']!r}")
+        text = _stripped(_content(m, i))
+        parts.append(f"<start_of_turn>{role}\n{prefix if n == 0 else ''}{text}<end_of_turn>\n")
+    if add_generation_prompt:
+        parts.append("<start_of_turn>model\n")
+    return "".join(parts)
