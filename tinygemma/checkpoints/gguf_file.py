@@ -28,6 +28,7 @@ _LAYER_PARTS = {"attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v"
                 "ffn_down": "down"}
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 _FAMILY = {"gemma": 1, "gemma2": 2, "gemma3": 3}
+MAX_LAYERS = 1024  # Gemma's deepest has 62; a larger count is a corrupt header, not a model
 
 
 class GGUFTensor(Tensor):
@@ -51,10 +52,12 @@ def config_from_gguf(meta: dict, path: str = "GGUF", vocab: int | None = None) -
     """A config from GGUF metadata; ``vocab`` is the embedding's row count when known."""
     try:
         return _config(meta, path, vocab)
-    except (TypeError, ValueError, OverflowError) as e:
-        if isinstance(e, CheckpointError):
+    except CheckpointError as e:  # GemmaConfig's own checks say "config: ...": name the file
+        if str(e).startswith(path):
             raise
-        raise CheckpointError(f"{path}: GGUF metadata holds a value of the wrong type ({e})") from None
+        raise CheckpointError(f"{path}: GGUF metadata: {e}") from None
+    except (TypeError, ValueError, ArithmeticError) as e:  # ArithmeticError: 0 heads, overflow
+        raise CheckpointError(f"{path}: GGUF metadata holds a wrong value ({e})") from None
 
 
 def _config(meta: dict, path: str, vocab: int | None) -> GemmaConfig:
@@ -70,6 +73,9 @@ def _config(meta: dict, path: str, vocab: int | None) -> GemmaConfig:
         return v
 
     n_layers, hidden, n_heads = get("block_count"), get("embedding_length"), get("attention.head_count")
+    if not isinstance(n_layers, int) or not 1 <= n_layers <= MAX_LAYERS:  # sizes tuples below
+        raise CheckpointError(f"{path}: GGUF metadata {arch}.block_count {n_layers!r} is not a "
+                              f"layer count (1 to {MAX_LAYERS})")
     head_dim = get("attention.key_length", hidden // n_heads)
     vocab = vocab or len(meta.get("tokenizer.ggml.tokens", ()))
     if not vocab:

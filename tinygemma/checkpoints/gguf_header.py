@@ -28,6 +28,7 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
             12: "d"}  # struct codes (little-endian), also NumPy dtype codes with a "<"
 _STRING, _ARRAY = 8, 9
 MAX_DIMS = 4
+MAX_NESTING = 8  # arrays of arrays: real files nest 1 or 2 deep; hostile ones 10^5 (recursion)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class GGUFFile:
         at = self._take(n)
         return self.mm[at:at + n].decode("utf-8", errors="replace")
 
-    def _value(self, vtype: int):
+    def _value(self, vtype: int, depth: int = 0):
         if vtype in _SCALARS:
             return self._scalar(_SCALARS[vtype])
         if vtype == _STRING:
@@ -88,7 +89,9 @@ class GGUFFile:
                 return self.buf[self._take(count * dtype.itemsize):self.pos].view(dtype).copy()
             if count * 8 > len(self.mm) - self.pos:  # each element needs 8 bytes at least
                 self._fail(f"an array of {count} elements cannot fit")
-            return [self._value(itype) for _ in range(count)]
+            if depth >= MAX_NESTING:
+                self._fail(f"arrays nested more than {MAX_NESTING} deep")
+            return [self._value(itype, depth + 1) for _ in range(count)]
         self._fail(f"unknown metadata value type {vtype}")
 
     # ---- the file ----------------------------------------------------------------------------

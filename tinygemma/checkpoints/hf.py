@@ -52,7 +52,9 @@ def shard_files(folder: str) -> list[str]:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError("weight_map values must be file names")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
         files = [os.path.join(folder, n) for n in names]
         for p in files:
@@ -75,7 +77,15 @@ def shard_files(folder: str) -> list[str]:
 
 def load_hf(folder: str) -> tuple[GemmaConfig, dict[str, Tensor]]:
     """Config and weights (memory-mapped, our names) of an HF checkpoint folder."""
-    config = GemmaConfig.from_json(os.path.join(folder, "config.json"))
+    config_path = os.path.join(folder, "config.json")
+    try:
+        config = GemmaConfig.from_json(config_path)
+    except CheckpointError as e:  # GemmaConfig's own checks say "config: ...": name the file
+        if config_path in str(e):
+            raise
+        raise CheckpointError(f"{config_path}: {e}") from None
+    except RecursionError:  # json recurses: 10^5 nested lists
+        raise CheckpointError(f"{config_path}: JSON nested too deeply to be a config") from None
     tensors, origin = {}, {}
     for path in shard_files(folder):
         for hf_name, t in load_safetensors(path).items():

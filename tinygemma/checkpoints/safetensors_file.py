@@ -9,6 +9,7 @@ mapped, so a truncated or hostile file gives a clear error, never a crash or a h
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -39,7 +40,7 @@ def read_header(path: str) -> tuple[dict, int, int]:
         raise CheckpointNotFound(f"{path}: no such safetensors file") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON, a 5000-digit int, 10^5 nested lists
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
@@ -67,12 +68,12 @@ def _tensor(path, name, info, mm, start, size) -> Tensor:
                               f"tinygemma reads {', '.join(DTYPES)}")
     np_dtype, cls = DTYPES[dtype]
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-            or not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)):
+    if (not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets))):
         raise CheckpointError(f"{path}: tensor {name!r}: malformed shape or data_offsets")
     begin, end = offsets
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize
+    # Exact Python ints: np.prod in int64 wraps, and [2**32, 2**32] would "hold" 0 bytes.
+    nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
     if not 0 <= begin <= end or end - begin != nbytes:
         raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {offsets} do not hold "
                               f"shape {shape} of {dtype} ({nbytes} bytes)")
@@ -81,3 +82,7 @@ def _tensor(path, name, info, mm, start, size) -> Tensor:
                               f"end of the file ({size} bytes): truncated shard?")
     data = mm[start + begin:start + end].view(np_dtype).reshape(shape)
     return cls(data)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a dimension
