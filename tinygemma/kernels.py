@@ -36,6 +36,7 @@ Block layouts (from ggml; ``d``, ``dmin`` are float16 scales)::
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 from llvmlite import ir
@@ -53,6 +54,7 @@ f32 = np.float32
 
 SMALL_T = 4  # up to this many tokens, the matvec kernels; beyond, decoded tiles and BLAS
 TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3 cache
+PARALLEL_MIN = 1 << 18  # weights (x tokens) below which a matvec runs on one thread
 
 
 # ---- bit casts LLVM does in one instruction --------------------------------------------------
@@ -501,6 +503,53 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, out):
                             out[kh * G + g, t, j] += p_ * val[j]
 
 
+# ---- threads ---------------------------------------------------------------------------------
+class Threads:
+    """How many threads a kernel call gets.
+
+    A parallel region ends when its slowest thread does. On a machine whose cores are busy
+    with other work, a worker thread can wait a whole scheduler time slice (milliseconds) to
+    run, and a 50-microsecond matvec then takes 10-20 ms; one thread never waits. So kernels
+    run on one thread when their work is small (below ``PARALLEL_MIN`` weights, where waking a
+    second thread costs more than it saves) or when the 1-minute load average says the cores
+    are taken (checked once a second). ``limit`` caps the threads (None: Numba's default, one
+    per core).
+    """
+
+    def __init__(self, limit: int | None = None):
+        import numba
+        self._numba = numba
+        self.limit = limit
+        self._current = numba.get_num_threads()
+        self._checked = -1.0
+        self._busy = False
+
+    def most(self) -> int:
+        n = self._numba.config.NUMBA_NUM_THREADS
+        return max(1, min(n, self.limit or n))
+
+    def busy(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked > 1.0:
+            self._checked = now
+            try:
+                cores = len(os.sched_getaffinity(0))
+            except AttributeError:  # not Linux
+                cores = os.cpu_count() or 1
+            try:
+                self._busy = os.getloadavg()[0] > cores + 0.5
+            except OSError:
+                self._busy = False
+        return self._busy
+
+    def use(self, work: int) -> None:
+        """Set the threads for a kernel call of ``work`` multiply-adds."""
+        n = 1 if work < PARALLEL_MIN or self.busy() else self.most()
+        if n != self._current:
+            self._numba.set_num_threads(n)
+            self._current = n
+
+
 # ---- the fast model ---------------------------------------------------------------------------
 def _kind(tensor) -> str:
     return getattr(tensor, "kind", "f32")
@@ -530,6 +579,7 @@ class FastGemma(Gemma):
         super().__init__(config, weights, tokenizer)
         self._plans: dict[str, tuple] = {}
         self._tile: np.ndarray | None = None
+        self.threads = Threads()
         for name, t in weights.tensors.items():
             if len(t.shape) == 2 and _kind(t) not in FORMATS:
                 raise ValueError(f"tensor {name!r}: no fast kernel for {_kind(t)}; "
@@ -549,8 +599,10 @@ class FastGemma(Gemma):
         T = x.shape[0]
         y = np.empty((T, rows), np.float32)  # [T, out]
         if T <= SMALL_T and matvec is not None:
+            self.threads.use(T * rows * cols)
             matvec(data, x, y)
             return y
+        self.threads.use(rows * cols)
         step = max(1, min(rows, TILE_ELEMS // cols))  # rows per decoded tile
         tile = self._tile_buffer(step * cols)[: step * cols].reshape(step, cols)
         for r0 in range(0, rows, step):
@@ -574,14 +626,11 @@ class FastGemma(Gemma):
         pos0 = int(positions[0])
         first = 0 if not window else max(0, pos0 - window + 1)
         out = np.empty(q.shape, np.float32)  # [H, T, d]
+        work = 2 * q.size * (pos0 + T - first)  # q.k and p.v multiply-adds
+        self.threads.use(work if c.num_kv_heads > 1 else 0)  # parallel over KV heads (MQA: one)
         attend_cache(np.ascontiguousarray(q, dtype=np.float32), cache.k[i], cache.v[i], pos0,
                      first, window, float(c.attn_scale), float(c.attn_logit_softcap or 0.0), out)
         return out, None
 
 
-def threads() -> int:
-    import numba
-    return numba.get_num_threads()
-
-
-__all__ = ["FastGemma", "FORMATS", "attend_cache", "stored_bytes", "threads"]
+__all__ = ["FastGemma", "FORMATS", "Threads", "attend_cache", "stored_bytes"]
