@@ -1,0 +1,193 @@
+"""``tinygemma bench``: prefill and decode speed of a model on this machine.
+
+* prefill: tokens per second to the first new token of a ``prompt_tokens`` prompt (one forward
+  pass over the prompt into an empty KV cache, logits of the last position only);
+* decode: tokens per second generating ``new_tokens`` greedily after it, one
+  ``model.forward([token], cache=cache, last_only=True)`` per token.
+
+Each is the median over ``repeats`` runs, after a warm-up (Numba loads its cached kernels on the
+first call). The memory-bandwidth roofline -- the decode speed if reading the weights once per
+token were the only cost -- comes from a streaming read measured in the same run. The
+comparison with transformers and llama.cpp is ``benchmarks/run.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+TEXT = ("The history of the written word is a history of the tools that carried it: clay "
+        "tablets, papyrus, parchment, paper and the printing press, and each new medium changed "
+        "who could read, what was written down and how ideas travelled between cities. ")
+
+
+def prompt_ids(model, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` token ids: English text when the model has a tokenizer, else random ids."""
+    try:
+        tok = model.tokenizer
+        ids = tok.encode(TEXT * (n // 20 + 2))[:n]
+        if len(ids) == n:
+            return np.asarray(ids, np.int64)
+    except Exception:  # no tokenizer (a bare checkpoint): speed does not depend on the ids
+        pass
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, min(model.config.vocab_size, 32_000), n).astype(np.int64)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every weight tensor as stored (bf16, GGUF blocks, ...)."""
+    return int(model.weights.nbytes)
+
+
+def decode_bytes(model) -> int:
+    """Bytes one decoded token reads: every matrix once, the embedding as the LM head."""
+    return int(sum(t.nbytes for t in model.weights.tensors.values() if len(t.shape) == 2))
+
+
+def bench(model, prompt_tokens: int = 500, new_tokens: int = 64, repeats: int = 3,
+          ids=None) -> dict:
+    """Prefill and decode tokens/s of ``model`` (medians over ``repeats``), and peak RSS."""
+    ids = prompt_ids(model, prompt_tokens) if ids is None else np.asarray(ids, np.int64)
+    warm = model.new_cache(8)
+    model.forward(ids[:2], cache=warm, last_only=True)  # loads the kernels; a short prompt
+    model.forward(ids[2:3], cache=warm, last_only=True)  # and one decode step
+    prefill, decode, generated = [], [], []
+    for _ in range(repeats):
+        cache = model.new_cache(len(ids) + new_tokens)
+        t0 = time.perf_counter()
+        logits = model.forward(ids, cache=cache, last_only=True)
+        prefill.append(time.perf_counter() - t0)
+        out = []
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            token = int(np.argmax(logits[0]))
+            out.append(token)
+            logits = model.forward(np.array([token]), cache=cache, last_only=True)
+        decode.append(time.perf_counter() - t0)
+        generated = out
+    return {
+        "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
+        "prefill_s": float(np.median(prefill)), "decode_s": float(np.median(decode)),
+        "prefill_tok_s": len(ids) / float(np.median(prefill)),
+        "decode_tok_s": new_tokens / float(np.median(decode)) if new_tokens else float("nan"),
+        "peak_rss_bytes": peak_rss_bytes(), "weight_bytes": weight_bytes(model),
+        "decode_bytes": decode_bytes(model), "generated": generated,
+    }
+
+
+def memory_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of a streaming read over all threads (float32 sum over a large array).
+
+    The array is much larger than any cache, so this is what reading the weights once per token
+    can reach at best: the decode roofline is this divided by the bytes a token reads.
+    """
+    from numba import get_num_threads, njit, prange
+
+    @njit(parallel=True, fastmath=True, cache=False)
+    def total(a, parts):
+        n = a.shape[0]
+        out = np.zeros(parts, np.float32)
+        for p in prange(parts):
+            s = np.float32(0)
+            for i in range(p * n // parts, (p + 1) * n // parts):
+                s += a[i]
+            out[p] = s
+        return out.sum()
+
+    a = np.ones(int(gigabytes * (1 << 30)) // 4, np.float32)
+    parts = 16 * get_num_threads()
+    total(a[:1024], parts)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(a, parts)
+        times.append(time.perf_counter() - t0)
+    return a.nbytes / float(np.min(times))
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A Markdown table of ``rows`` (dicts); floats to 3 significant figures, None as '-'."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c)
+              for i, c in enumerate(columns)]
+    line = lambda cells: "| " + " | ".join(x.ljust(w) for x, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(columns), sep, *(line(b) for b in body)])
+
+
+def result_row(name: str, r: dict, roofline_tok_s: float | None = None) -> dict:
+    row = {"engine": name, "prefill tok/s": r["prefill_tok_s"], "decode tok/s": r["decode_tok_s"],
+           "peak RSS MB": r["peak_rss_bytes"] / 1e6, "weights MB": r["weight_bytes"] / 1e6}
+    if roofline_tok_s:
+        row["decode % of roofline"] = 100 * r["decode_tok_s"] / roofline_tok_s
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tinygemma bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint folder or .gguf (default: the demo Gemma 3 270M)")
+    p.add_argument("--prompt-tokens", type=int, default=500)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--reference", action="store_true",
+                   help="also time the pure NumPy reference path (slow)")
+    p.add_argument("--no-roofline", action="store_true",
+                   help="skip the memory-bandwidth measurement (it allocates 1 GB)")
+    a = p.parse_args(argv)
+    if a.prompt_tokens < 3 or a.new_tokens < 1 or a.repeats < 1:
+        p.error("--prompt-tokens must be >= 3, --new-tokens and --repeats >= 1")
+    from .loader import load, load_demo
+
+    def open_model(fast):
+        return load(a.model, fast=fast) if a.model else load_demo(fast=fast)
+
+    t0 = time.perf_counter()
+    model = open_model(True)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(model, a.prompt_tokens)
+    results = [("tinygemma (fast)", bench(model, a.prompt_tokens, a.new_tokens, a.repeats, ids))]
+    if a.reference:
+        del model
+        results.append(("tinygemma (reference)",
+                        bench(open_model(False), a.prompt_tokens, a.new_tokens, 1, ids)))
+    roofline = None
+    lines = []
+    if not a.no_roofline:
+        bw = memory_bandwidth()
+        roofline = bw / results[0][1]["decode_bytes"]
+        lines.append(f"memory bandwidth {bw / 1e9:.1f} GB/s; a token reads "
+                     f"{results[0][1]['decode_bytes'] / 1e6:.0f} MB of weights: decode roofline "
+                     f"{roofline:.0f} tokens/s")
+    print(f"model {a.model or 'demo Gemma 3 270M (Q4_K_M GGUF)'}, loaded in {load_s:.1f} s; "
+          f"prompt {a.prompt_tokens} tokens, {a.new_tokens} new tokens, median of {a.repeats}; "
+          f"{os.cpu_count()} CPUs")
+    print(format_table([result_row(n, r, roofline) for n, r in results]))
+    for line in lines:
+        print(line)
+    if a.reference:
+        print("(peak RSS is of this process, which ran both paths)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
