@@ -40,7 +40,15 @@ def prompt_ids(model, n: int, seed: int = 0) -> np.ndarray:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KB, macOS bytes)."""
+    """This process's peak resident set size: VmHWM on Linux (``ru_maxrss`` would include a
+    parent's peak carried over exec), else ``ru_maxrss`` (KB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -602,14 +602,16 @@ class FastGemma(Gemma):
             self.threads.use(T * rows * cols)
             matvec(data, x, y)
             return y
-        self.threads.use(rows * cols)
+        # Decode the tiles on this thread alone: BLAS runs its own thread pool, and a Numba
+        # worker still spinning after its region would take a core from it.
+        self.threads.use(0)
         step = max(1, min(rows, TILE_ELEMS // cols))  # rows per decoded tile
         tile = self._tile_buffer(step * cols)[: step * cols].reshape(step, cols)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             w = tile[: r1 - r0]
             decode(data, r0, r1, w)
-            np.matmul(x, w.T, out=y[:, r0:r1])  # [T, in] @ [in, rows] on BLAS
+            y[:, r0:r1] = x @ w.T  # [T, in] @ [in, rows] on BLAS (an `out=` slice would not be)
         return y
 
     def _tile_buffer(self, n):
