@@ -511,15 +511,19 @@ class Threads:
     with other work, a worker thread can wait a whole scheduler time slice (milliseconds) to
     run, and a 50-microsecond matvec then takes 10-20 ms; one thread never waits. So kernels
     run on one thread when their work is small (below ``PARALLEL_MIN`` weights, where waking a
-    second thread costs more than it saves) or when the 1-minute load average says the cores
-    are taken (checked once a second). ``limit`` caps the threads (None: Numba's default, one
-    per core).
+    second thread costs more than it saves) or, when ``adaptive``, while the 1-minute load
+    average says other processes hold the cores (checked once a second). ``limit`` caps the
+    threads (None: Numba's default, one per core). The environment variable
+    ``TINYGEMMA_THREADS=N`` sets ``limit=N`` and turns the load check off (benchmarks use it).
     """
 
-    def __init__(self, limit: int | None = None):
+    def __init__(self, limit: int | None = None, adaptive: bool = True):
         import numba
         self._numba = numba
-        self.limit = limit
+        env = os.environ.get("TINYGEMMA_THREADS")
+        if limit is None and env:
+            limit, adaptive = int(env), False
+        self.limit, self.adaptive = limit, adaptive
         self._current = numba.get_num_threads()
         self._checked = -1.0
         self._busy = False
@@ -529,6 +533,9 @@ class Threads:
         return max(1, min(n, self.limit or n))
 
     def busy(self) -> bool:
+        """Whether other processes keep the cores busy (load average above cores + 0.5)."""
+        if not self.adaptive:
+            return False
         now = time.monotonic()
         if now - self._checked > 1.0:
             self._checked = now
