@@ -47,6 +47,13 @@ def test_help_has_examples(capsys, argv):
     assert "examples:" in out and "tinygemma " in out
 
 
+def test_bench_help_is_the_benchmarks_own(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "--prompt-tokens" in capsys.readouterr().out
+
+
 # ---- errors: one line, exit status 1, no traceback --------------------------------------------
 def one_line_error(capsys, argv, *words):
     status = cli.main(argv)

@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="continue a prompt, streaming to stdout",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("prompt")
+    g.add_argument("prompt", help="the text to continue (with --chat: the user's message)")
     _model_arg(g)
     _sampling_args(g)
     g.add_argument("--chat", action="store_true",
@@ -62,15 +62,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _model_arg(p):
-    p.add_argument("--model", help="checkpoint folder or .gguf (default: the demo model)")
+    p.add_argument("--model", metavar="PATH",
+                   help="checkpoint folder or .gguf (default: the demo model)")
 
 
 def _sampling_args(p, default_tokens=64):
-    p.add_argument("--max-new-tokens", type=int, default=default_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=default_tokens, metavar="N",
+                   help=f"generate at most N tokens (default {default_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature, >= 0; 0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample among the K most likely tokens (K >= 1)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus sampling: the fewest tokens whose probability reaches P, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="random seed, for repeatable sampling")
 
 
 class Progress:
@@ -218,7 +224,11 @@ def cmd_inspect(args):
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # bench parses its own options, --help included
+        args = argparse.Namespace(command="bench", rest=argv[1:])
+    else:
+        args = parser().parse_args(argv)
     run = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench,
            "inspect": cmd_inspect}[args.command]
     try:

@@ -36,7 +36,7 @@ def _size(tensor) -> int:
 
 
 def mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:,.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:,.1f} KB"
+    return f"{nbytes / 1e6:,.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:,.1f} KB"
 
 
 def checkpoint_bytes(path: str) -> int:
