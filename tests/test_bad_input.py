@@ -178,10 +178,21 @@ def test_config_disagrees_with_weight_shapes(tmp_path):
         tg.load(folder)
 
 
-def test_config_expects_a_missing_tensor(tmp_path):
+def test_config_has_more_layers_than_the_weights(tmp_path):
     weights = random_tensors(tiny_config(3, num_hidden_layers=2))
     folder = write_hf(tmp_path / "m", tensors=weights, num_hidden_layers=3)
-    with clear_error(CheckpointError, "layers.2.", "is missing"):
+    with clear_error(CheckpointError, "the config has 3 layers, the weights have no tensor of layer 2"):
+        tg.load(folder)
+    folder = write_hf(tmp_path / "huge", tensors=weights, num_hidden_layers=10**6)
+    with clear_error(CheckpointError, "the config has 1000000 layers"):  # not 13 million checks
+        tg.load(folder)
+
+
+def test_config_expects_a_missing_tensor(tmp_path):
+    weights = random_tensors(tiny_config(3))
+    del weights["model.layers.1.self_attn.k_norm.weight"]
+    folder = write_hf(tmp_path / "m", tensors=weights)
+    with clear_error(CheckpointError, "tensor 'layers.1.k_norm' (tinygemma's name) is missing"):
         tg.load(folder)
 
 

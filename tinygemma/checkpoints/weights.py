@@ -141,6 +141,11 @@ def check_weights(tensors: dict[str, Tensor], c: GemmaConfig, source: str,
 
     Errors name the tensor as the checkpoint spells it (``origin`` maps our names to those).
     """
+    present = {int(n.split(".")[1]) for n in tensors if n.startswith("layers.")}
+    missing = next((i for i in range(c.num_layers) if i not in present), None)
+    if missing is not None:  # before sizing anything by a layer count the weights cannot back
+        raise CheckpointError(f"{source}: the config has {c.num_layers} layers, the weights "
+                              f"have no tensor of layer {missing}")
     for name, shape in expected_shapes(c).items():
         if name not in tensors:
             raise CheckpointError(f"{source}: tensor {name!r} (tinygemma's name) is missing")
