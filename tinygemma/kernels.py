@@ -1,19 +1,22 @@
 """The fast path: Numba kernels over compact weights, switched in by :class:`FastGemma`.
 
 The reference path (``layers.py``, ``model.py``) decodes every weight matrix to float32 and
-multiplies with NumPy. Decoding one token is a matrix-vector product per projection, and a
-matrix-vector product reads every weight once: its speed is the speed at which the weights can
-be read (and, for quantised blocks, decoded). So the kernels here read the weights as they are
-stored -- bf16 as uint16, GGUF blocks (Q8_0, Q5_0, Q4_K, Q6_K, ...) byte for byte -- and decode
-them in registers, inside the dot product:
+multiplies with NumPy. Decoding one token is a matrix-vector product per projection, which
+reads every weight once; float32 copies would make it read 2x (bf16) to 7x (4-bit) more bytes.
+So the kernels read compact weights and decode them in registers, inside the dot product:
 
+* :class:`Packed`: a matrix in the form the kernels read. bf16 (as uint16), float16 and Q8_0
+  (one int8 per weight) are read as stored, memory-mapped. The sub-byte GGUF types (Q5_0,
+  Q4_0, Q4_K, Q5_K, Q6_K) are unpacked once, when first used, to one int8 per weight plus
+  float32 group scales (``w = scale * q - shift``): unpacking 5- or 6-bit fields inside the
+  matvec costs more instructions per weight than the 2 cores can hide behind memory reads.
 * ``matvec_*``: ``y[t] = W x[t]`` for a few tokens ``t`` (decode), parallel over output rows
-  (``prange``), float32 accumulation. Each decodes a block exactly as ``gguf.quants`` does, so it
-  multiplies by exactly the weights the reference path uses; only the order of the additions
-  differs (``fastmath`` reassociation, which lets LLVM vectorise the sums).
-* ``decode_*``: rows of a compact matrix to float32, bit for bit the values of
-  ``gguf.quants.dequantize`` (no fastmath). Prefill multiplies many tokens at once, so there the
-  weights are decoded a tile of rows at a time and multiplied with BLAS (``x @ tile.T``).
+  (``prange``), float32 accumulation. The weights they multiply by are exactly those of the
+  reference path; only the order of the additions differs (``fastmath`` reassociation, which
+  lets LLVM vectorise the sums).
+* ``unpack_*``, ``decode_*``: exact, no fastmath; decoded rows are bit for bit
+  ``gguf.quants.dequantize``. Prefill multiplies many tokens at once, so there the weights are
+  decoded a tile of rows at a time and multiplied with BLAS (``x @ tile.T``).
 * ``attend_cache``: attention of a few new queries over the KV cache, multi-query aware: the
   keys and values of a shared KV head are read once for all the query heads of its group.
 
@@ -52,7 +55,7 @@ FAST = {"reassoc", "contract", "nsz", "arcp"}
 JIT = dict(cache=True, nogil=True)
 f32 = np.float32
 
-SMALL_T = 4  # up to this many tokens, the matvec kernels; beyond, decoded tiles and BLAS
+SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, decoded tiles and BLAS
 TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3 cache
 PARALLEL_MIN = 1 << 18  # weights (x tokens) below which a matvec runs on one thread
 
@@ -93,49 +96,14 @@ def _bf16(typingctx, u):
     return sig, codegen
 
 
-# ---- exact decoders: one block row -> float32 (the NumPy twin is gguf.quants.dequantize) -----
-# Each takes the rows [r0, r1) of the stored matrix (uint8 [rows, bytes per row]) and writes
-# float32 [r1 - r0, n]. Parallel over rows, no fastmath: bit for bit gguf.quants.
-
-@njit(parallel=True, **JIT)
-def decode_q8_0(data, r0, r1, out):
-    nb = data.shape[1] // 34
-    q = data.view(np.int8)
-    for r in prange(r0, r1):
-        for b in range(nb):
-            o = 34 * b
-            d = _half(data[r, o], data[r, o + 1])
-            for j in range(32):
-                out[r - r0, 32 * b + j] = d * f32(q[r, o + 2 + j])
-
-
-@njit(parallel=True, **JIT)
-def decode_q5_0(data, r0, r1, out):
-    nb = data.shape[1] // 22
-    for r in prange(r0, r1):
-        for b in range(nb):
-            o = 22 * b
-            d = _half(data[r, o], data[r, o + 1])
-            qh = (np.uint32(data[r, o + 2]) | (np.uint32(data[r, o + 3]) << 8)
-                  | (np.uint32(data[r, o + 4]) << 16) | (np.uint32(data[r, o + 5]) << 24))
-            for j in range(16):
-                lo = np.int32(data[r, o + 6 + j] & 15) | np.int32(((qh >> j) & 1) << 4)
-                hi = np.int32(data[r, o + 6 + j] >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
-                out[r - r0, 32 * b + j] = d * f32(lo - 16)
-                out[r - r0, 32 * b + 16 + j] = d * f32(hi - 16)
-
-
-@njit(parallel=True, **JIT)
-def decode_q4_0(data, r0, r1, out):
-    nb = data.shape[1] // 18
-    for r in prange(r0, r1):
-        for b in range(nb):
-            o = 18 * b
-            d = _half(data[r, o], data[r, o + 1])
-            for j in range(16):
-                out[r - r0, 32 * b + j] = d * f32(np.int32(data[r, o + 2 + j] & 15) - 8)
-                out[r - r0, 32 * b + 16 + j] = d * f32(np.int32(data[r, o + 2 + j] >> 4) - 8)
-
+# ---- unpacking: GGUF blocks -> one signed byte per weight + float32 scales, exactly -----------
+# Sub-byte formats (5-, 4- and 6-bit weights) cost several integer instructions per weight to
+# unpack, so unpacking them inside the matvec would make decoding, not reading memory, the
+# bottleneck. They are unpacked once, when first used, to ``q`` int8 ``[rows, n]`` and, per
+# group of G weights, ``scale`` (and for the k-quants with a min, ``shift``) float32
+# ``[rows, n / G]`` such that ``w = scale * q - shift`` is bit for bit the float32 weight of
+# ``gguf.quants.dequantize`` (the same float32 operations in the same order). Q8_0 is already
+# one byte per weight and is read as stored. No fastmath here.
 
 @njit(inline="always")
 def _k_scale_min(data, r, o, i):
@@ -149,55 +117,105 @@ def _k_scale_min(data, r, o, i):
 
 
 @njit(parallel=True, **JIT)
-def decode_q4_k(data, r0, r1, out):
-    nb = data.shape[1] // 144
-    for r in prange(r0, r1):
-        for b in range(nb):
-            o = 144 * b
-            d, dmin = _half(data[r, o], data[r, o + 1]), _half(data[r, o + 2], data[r, o + 3])
-            for i in range(8):  # sub-block i: nibbles (low for even i, high for odd i)
-                sc, mn = _k_scale_min(data, r, o, i)
-                scale, shift = d * f32(sc), dmin * f32(mn)
-                qs = o + 16 + 32 * (i // 2)
-                for j in range(32):
-                    q = (data[r, qs + j] >> (4 * (i % 2))) & 15
-                    out[r - r0, 256 * b + 32 * i + j] = scale * f32(q) - shift
+def unpack_q5_0(data, q, scale, shift):
+    """Q5_0: ``w = d * (q - 16)``; q's low 4 bits in nibbles, the 5th in a 32-bit mask."""
+    for r in prange(data.shape[0]):
+        for b in range(data.shape[1] // 22):
+            o = 22 * b
+            scale[r, b] = _half(data[r, o], data[r, o + 1])
+            qh = (np.uint32(data[r, o + 2]) | (np.uint32(data[r, o + 3]) << 8)
+                  | (np.uint32(data[r, o + 4]) << 16) | (np.uint32(data[r, o + 5]) << 24))
+            for j in range(16):
+                lo = np.int32(data[r, o + 6 + j] & 15) | np.int32(((qh >> j) & 1) << 4)
+                hi = np.int32(data[r, o + 6 + j] >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
+                q[r, 32 * b + j] = lo - 16
+                q[r, 32 * b + 16 + j] = hi - 16
 
 
 @njit(parallel=True, **JIT)
-def decode_q5_k(data, r0, r1, out):
-    nb = data.shape[1] // 176
-    for r in prange(r0, r1):
-        for b in range(nb):
+def unpack_q4_0(data, q, scale, shift):
+    """Q4_0: ``w = d * (q - 8)``; weights j and j + 16 share a byte."""
+    for r in prange(data.shape[0]):
+        for b in range(data.shape[1] // 18):
+            o = 18 * b
+            scale[r, b] = _half(data[r, o], data[r, o + 1])
+            for j in range(16):
+                q[r, 32 * b + j] = np.int32(data[r, o + 2 + j] & 15) - 8
+                q[r, 32 * b + 16 + j] = np.int32(data[r, o + 2 + j] >> 4) - 8
+
+
+@njit(parallel=True, **JIT)
+def unpack_q4_k(data, q, scale, shift):
+    """Q4_K: ``w = (d * sc) * q - dmin * m`` per sub-block of 32; nibbles, low then high."""
+    for r in prange(data.shape[0]):
+        for b in range(data.shape[1] // 144):
+            o = 144 * b
+            d, dmin = _half(data[r, o], data[r, o + 1]), _half(data[r, o + 2], data[r, o + 3])
+            for i in range(8):  # sub-block i: low nibbles for even i, high for odd i
+                sc, mn = _k_scale_min(data, r, o, i)
+                scale[r, 8 * b + i], shift[r, 8 * b + i] = d * f32(sc), dmin * f32(mn)
+                qs = o + 16 + 32 * (i // 2)
+                for j in range(32):
+                    q[r, 256 * b + 32 * i + j] = (data[r, qs + j] >> (4 * (i % 2))) & 15
+
+
+@njit(parallel=True, **JIT)
+def unpack_q5_k(data, q, scale, shift):
+    """Q5_K: as Q4_K with a 5th bit per weight from 32 bytes of high bits."""
+    for r in prange(data.shape[0]):
+        for b in range(data.shape[1] // 176):
             o = 176 * b
             d, dmin = _half(data[r, o], data[r, o + 1]), _half(data[r, o + 2], data[r, o + 3])
             for i in range(8):
                 sc, mn = _k_scale_min(data, r, o, i)
-                scale, shift = d * f32(sc), dmin * f32(mn)
+                scale[r, 8 * b + i], shift[r, 8 * b + i] = d * f32(sc), dmin * f32(mn)
                 qs = o + 48 + 32 * (i // 2)
                 for j in range(32):
-                    q = (np.int32(data[r, qs + j] >> (4 * (i % 2))) & 15) \
-                        | (np.int32((data[r, o + 16 + j] >> i) & 1) << 4)
-                    out[r - r0, 256 * b + 32 * i + j] = scale * f32(q) - shift
+                    q[r, 256 * b + 32 * i + j] = ((np.int32(data[r, qs + j] >> (4 * (i % 2))) & 15)
+                                                  | (np.int32((data[r, o + 16 + j] >> i) & 1) << 4))
 
 
 @njit(parallel=True, **JIT)
-def decode_q6_k(data, r0, r1, out):
-    nb = data.shape[1] // 210
+def unpack_q6_k(data, q, scale, shift):
+    """Q6_K: ``w = (d * scale) * (q - 32)`` per group of 16; 4 low bits + 2 high bits."""
     sc8 = data.view(np.int8)
-    for r in prange(r0, r1):
-        for b in range(nb):
+    for r in prange(data.shape[0]):
+        for b in range(data.shape[1] // 210):
             o = 210 * b
             d = _half(data[r, o + 208], data[r, o + 209])
+            for g in range(16):
+                scale[r, 16 * b + g] = d * f32(sc8[r, o + 192 + g])
             for h in range(2):  # two halves of 128 weights
                 for s in range(4):  # four runs of 32: low/high nibbles of two 32-byte rows
                     for j in range(32):
                         lo = (data[r, o + 64 * h + 32 * (s % 2) + j] >> (4 * (s // 2))) & 15
                         hi = (data[r, o + 128 + 32 * h + j] >> (2 * s)) & 3
-                        q = np.int32(lo | (hi << 4)) - 32
-                        k = 128 * h + 32 * s + j  # weight index in the super-block
-                        scale = d * f32(sc8[r, o + 192 + k // 16])
-                        out[r - r0, 256 * b + k] = scale * f32(q)
+                        q[r, 256 * b + 128 * h + 32 * s + j] = np.int32(lo | (hi << 4)) - 32
+
+
+# ---- exact decoders to float32 (prefill tiles; the NumPy twin is gguf.quants.dequantize) -----
+# Each writes rows [r0, r1) of the matrix as float32 ``[r1 - r0, n]``. No fastmath.
+
+@njit(parallel=True, **JIT)
+def decode_int8(q, scale, shift, has_shift, r0, r1, out):
+    """``w = scale * q - shift`` from unpacked weights (groups of ``n / scale.shape[1]``)."""
+    G = q.shape[1] // scale.shape[1]
+    for r in prange(r0, r1):
+        for j in range(q.shape[1]):
+            w = scale[r, j // G] * f32(q[r, j])
+            out[r - r0, j] = w - shift[r, j // G] if has_shift else w
+
+
+@njit(parallel=True, **JIT)
+def decode_q8_0(data, r0, r1, out):
+    """Q8_0 as stored: ``w = d * q``, 32 int8 after each float16 d."""
+    q = data.view(np.int8)
+    for r in prange(r0, r1):
+        for b in range(data.shape[1] // 34):
+            o = 34 * b
+            d = _half(data[r, o], data[r, o + 1])
+            for j in range(32):
+                out[r - r0, 32 * b + j] = d * f32(q[r, o + 2 + j])
 
 
 @njit(parallel=True, **JIT)
@@ -225,15 +243,13 @@ def decode_f32(data, r0, r1, out):
 
 
 # ---- matvec: y[t, r] = sum_j W[r, j] x[t, j], decoding W in registers ------------------------
-# Parallel over chunks of output rows; each chunk keeps a small float32 accumulator whose lanes
-# take independent partial sums (LLVM turns each update into one SIMD instruction).
-
-def _chunks(rows: int) -> int:
-    return max(1, min(64, rows // 32))
-
+# Parallel over chunks of output rows. Each row's sum is split over the lanes of a small
+# float32 accumulator, four groups of weights at a time: independent chains that LLVM turns
+# into SIMD multiply-adds (the group sizes are constants, so the inner loops vectorise fully).
 
 @njit(parallel=True, fastmath=FAST, **JIT)
 def matvec_q8_0(data, x, y):
+    """Q8_0 read as stored: 34-byte blocks of a float16 d and 32 int8."""
     R, nb, T = data.shape[0], data.shape[1] // 34, x.shape[0]
     q = data.view(np.int8)
     nc = max(1, min(64, R // 32))
@@ -243,7 +259,7 @@ def matvec_q8_0(data, x, y):
             for t in range(T):
                 acc[:] = 0
                 b = 0
-                while b + 4 <= nb:  # four blocks at a time: four independent chains
+                while b + 4 <= nb:
                     o = 34 * b
                     d0, d1 = _half(data[r, o], data[r, o + 1]), _half(data[r, o + 34], data[r, o + 35])
                     d2, d3 = _half(data[r, o + 68], data[r, o + 69]), _half(data[r, o + 102], data[r, o + 103])
@@ -263,8 +279,66 @@ def matvec_q8_0(data, x, y):
 
 
 @njit(parallel=True, fastmath=FAST, **JIT)
-def matvec_q5_0(data, x, y):
-    R, nb, T = data.shape[0], data.shape[1] // 22, x.shape[0]
+def matvec_int8_g32(q, scale, x, y):
+    """Unpacked ``w = scale * q``, groups of 32 (Q5_0, Q4_0)."""
+    R, ng, T = q.shape[0], scale.shape[1], x.shape[0]
+    nc = max(1, min(64, R // 32))
+    for c in prange(nc):
+        acc = np.empty(128, np.float32)
+        for r in range(c * R // nc, (c + 1) * R // nc):
+            for t in range(T):
+                acc[:] = 0
+                b = 0
+                while b + 4 <= ng:
+                    s0, s1, s2, s3 = scale[r, b], scale[r, b + 1], scale[r, b + 2], scale[r, b + 3]
+                    o = 32 * b
+                    for j in range(32):
+                        acc[j] += (s0 * f32(q[r, o + j])) * x[t, o + j]
+                        acc[32 + j] += (s1 * f32(q[r, o + 32 + j])) * x[t, o + 32 + j]
+                        acc[64 + j] += (s2 * f32(q[r, o + 64 + j])) * x[t, o + 64 + j]
+                        acc[96 + j] += (s3 * f32(q[r, o + 96 + j])) * x[t, o + 96 + j]
+                    b += 4
+                while b < ng:
+                    s0, o = scale[r, b], 32 * b
+                    for j in range(32):
+                        acc[j] += (s0 * f32(q[r, o + j])) * x[t, o + j]
+                    b += 1
+                y[t, r] = np.sum(acc)
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def matvec_int8_g32_shift(q, scale, shift, x, y):
+    """Unpacked ``w = scale * q - shift``, groups of 32 (Q4_K, Q5_K)."""
+    R, ng, T = q.shape[0], scale.shape[1], x.shape[0]
+    nc = max(1, min(64, R // 32))
+    for c in prange(nc):
+        acc = np.empty(128, np.float32)
+        for r in range(c * R // nc, (c + 1) * R // nc):
+            for t in range(T):
+                acc[:] = 0
+                b = 0
+                while b + 4 <= ng:
+                    s0, s1, s2, s3 = scale[r, b], scale[r, b + 1], scale[r, b + 2], scale[r, b + 3]
+                    m0, m1, m2, m3 = shift[r, b], shift[r, b + 1], shift[r, b + 2], shift[r, b + 3]
+                    o = 32 * b
+                    for j in range(32):
+                        acc[j] += (s0 * f32(q[r, o + j]) - m0) * x[t, o + j]
+                        acc[32 + j] += (s1 * f32(q[r, o + 32 + j]) - m1) * x[t, o + 32 + j]
+                        acc[64 + j] += (s2 * f32(q[r, o + 64 + j]) - m2) * x[t, o + 64 + j]
+                        acc[96 + j] += (s3 * f32(q[r, o + 96 + j]) - m3) * x[t, o + 96 + j]
+                    b += 4
+                while b < ng:
+                    s0, m0, o = scale[r, b], shift[r, b], 32 * b
+                    for j in range(32):
+                        acc[j] += (s0 * f32(q[r, o + j]) - m0) * x[t, o + j]
+                    b += 1
+                y[t, r] = np.sum(acc)
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def matvec_int8_g16(q, scale, x, y):
+    """Unpacked ``w = scale * q``, groups of 16 (Q6_K)."""
+    R, ng, T = q.shape[0], scale.shape[1], x.shape[0]
     nc = max(1, min(64, R // 32))
     for c in prange(nc):
         acc = np.empty(64, np.float32)
@@ -272,126 +346,26 @@ def matvec_q5_0(data, x, y):
             for t in range(T):
                 acc[:] = 0
                 b = 0
-                while b + 2 <= nb:
-                    o, p = 22 * b, 22 * b + 22
-                    d0, d1 = _half(data[r, o], data[r, o + 1]), _half(data[r, p], data[r, p + 1])
-                    h0 = (np.uint32(data[r, o + 2]) | (np.uint32(data[r, o + 3]) << 8)
-                          | (np.uint32(data[r, o + 4]) << 16) | (np.uint32(data[r, o + 5]) << 24))
-                    h1 = (np.uint32(data[r, p + 2]) | (np.uint32(data[r, p + 3]) << 8)
-                          | (np.uint32(data[r, p + 4]) << 16) | (np.uint32(data[r, p + 5]) << 24))
+                while b + 4 <= ng:
+                    s0, s1, s2, s3 = scale[r, b], scale[r, b + 1], scale[r, b + 2], scale[r, b + 3]
+                    o = 16 * b
                     for j in range(16):
-                        a0 = np.int32(data[r, o + 6 + j])
-                        a1 = np.int32(data[r, p + 6 + j])
-                        q0 = (a0 & 15) | np.int32(((h0 >> j) & 1) << 4)
-                        q1 = (a0 >> 4) | np.int32(((h0 >> (j + 16)) & 1) << 4)
-                        q2 = (a1 & 15) | np.int32(((h1 >> j) & 1) << 4)
-                        q3 = (a1 >> 4) | np.int32(((h1 >> (j + 16)) & 1) << 4)
-                        acc[j] += (d0 * f32(q0 - 16)) * x[t, 32 * b + j]
-                        acc[16 + j] += (d0 * f32(q1 - 16)) * x[t, 32 * b + 16 + j]
-                        acc[32 + j] += (d1 * f32(q2 - 16)) * x[t, 32 * b + 32 + j]
-                        acc[48 + j] += (d1 * f32(q3 - 16)) * x[t, 32 * b + 48 + j]
-                    b += 2
-                while b < nb:
-                    o = 22 * b
-                    d0 = _half(data[r, o], data[r, o + 1])
-                    h0 = (np.uint32(data[r, o + 2]) | (np.uint32(data[r, o + 3]) << 8)
-                          | (np.uint32(data[r, o + 4]) << 16) | (np.uint32(data[r, o + 5]) << 24))
+                        acc[j] += (s0 * f32(q[r, o + j])) * x[t, o + j]
+                        acc[16 + j] += (s1 * f32(q[r, o + 16 + j])) * x[t, o + 16 + j]
+                        acc[32 + j] += (s2 * f32(q[r, o + 32 + j])) * x[t, o + 32 + j]
+                        acc[48 + j] += (s3 * f32(q[r, o + 48 + j])) * x[t, o + 48 + j]
+                    b += 4
+                while b < ng:
+                    s0, o = scale[r, b], 16 * b
                     for j in range(16):
-                        a0 = np.int32(data[r, o + 6 + j])
-                        q0 = (a0 & 15) | np.int32(((h0 >> j) & 1) << 4)
-                        q1 = (a0 >> 4) | np.int32(((h0 >> (j + 16)) & 1) << 4)
-                        acc[j] += (d0 * f32(q0 - 16)) * x[t, 32 * b + j]
-                        acc[16 + j] += (d0 * f32(q1 - 16)) * x[t, 32 * b + 16 + j]
+                        acc[j] += (s0 * f32(q[r, o + j])) * x[t, o + j]
                     b += 1
                 y[t, r] = np.sum(acc)
 
 
 @njit(parallel=True, fastmath=FAST, **JIT)
-def matvec_q4_0(data, x, y):
-    R, nb, T = data.shape[0], data.shape[1] // 18, x.shape[0]
-    nc = max(1, min(64, R // 32))
-    for c in prange(nc):
-        acc = np.empty(32, np.float32)
-        for r in range(c * R // nc, (c + 1) * R // nc):
-            for t in range(T):
-                acc[:] = 0
-                for b in range(nb):
-                    o = 18 * b
-                    d = _half(data[r, o], data[r, o + 1])
-                    for j in range(16):
-                        a = np.int32(data[r, o + 2 + j])
-                        acc[j] += (d * f32((a & 15) - 8)) * x[t, 32 * b + j]
-                        acc[16 + j] += (d * f32((a >> 4) - 8)) * x[t, 32 * b + 16 + j]
-                y[t, r] = np.sum(acc)
-
-
-@njit(parallel=True, fastmath=FAST, **JIT)
-def matvec_q4_k(data, x, y):
-    R, nb, T = data.shape[0], data.shape[1] // 144, x.shape[0]
-    nc = max(1, min(64, R // 32))
-    for c in prange(nc):
-        acc = np.empty(128, np.float32)
-        scale = np.empty(8, np.float32)
-        shift = np.empty(8, np.float32)
-        for r in range(c * R // nc, (c + 1) * R // nc):
-            for t in range(T):
-                acc[:] = 0
-                for b in range(nb):
-                    o = 144 * b
-                    d, dmin = _half(data[r, o], data[r, o + 1]), _half(data[r, o + 2], data[r, o + 3])
-                    for i in range(8):
-                        sc, mn = _k_scale_min(data, r, o, i)
-                        scale[i], shift[i] = d * f32(sc), dmin * f32(mn)
-                    for k in range(2):  # 2 x 64 bytes; each byte holds weights j and j + 32
-                        qs, xo = o + 16 + 64 * k, 256 * b + 128 * k
-                        s0, s1, s2, s3 = scale[4 * k], scale[4 * k + 1], scale[4 * k + 2], scale[4 * k + 3]
-                        m0, m1, m2, m3 = shift[4 * k], shift[4 * k + 1], shift[4 * k + 2], shift[4 * k + 3]
-                        for j in range(32):
-                            a0, a1 = data[r, qs + j], data[r, qs + 32 + j]
-                            acc[j] += (s0 * f32(a0 & 15) - m0) * x[t, xo + j]
-                            acc[32 + j] += (s1 * f32(a0 >> 4) - m1) * x[t, xo + 32 + j]
-                            acc[64 + j] += (s2 * f32(a1 & 15) - m2) * x[t, xo + 64 + j]
-                            acc[96 + j] += (s3 * f32(a1 >> 4) - m3) * x[t, xo + 96 + j]
-                y[t, r] = np.sum(acc)
-
-
-@njit(parallel=True, fastmath=FAST, **JIT)
-def matvec_q6_k(data, x, y):
-    R, nb, T = data.shape[0], data.shape[1] // 210, x.shape[0]
-    sc8 = data.view(np.int8)
-    nc = max(1, min(64, R // 32))
-    for c in prange(nc):
-        acc = np.empty(64, np.float32)
-        for r in range(c * R // nc, (c + 1) * R // nc):
-            for t in range(T):
-                acc[:] = 0
-                for b in range(nb):
-                    o = 210 * b
-                    d = _half(data[r, o + 208], data[r, o + 209])
-                    for h in range(2):
-                        for half in range(2):  # weights j in [16 half, 16 half + 16) of each run
-                            g = o + 192 + 8 * h + half  # scale of run s is at g + 2 s
-                            s0, s1 = d * f32(sc8[r, g]), d * f32(sc8[r, g + 2])
-                            s2, s3 = d * f32(sc8[r, g + 4]), d * f32(sc8[r, g + 6])
-                            xo = 256 * b + 128 * h + 16 * half
-                            for jj in range(16):
-                                j = 16 * half + jj
-                                l0 = data[r, o + 64 * h + j]
-                                l1 = data[r, o + 64 * h + 32 + j]
-                                hb = data[r, o + 128 + 32 * h + j]
-                                q0 = np.int32((l0 & 15) | ((hb & 3) << 4)) - 32
-                                q1 = np.int32((l1 & 15) | (((hb >> 2) & 3) << 4)) - 32
-                                q2 = np.int32((l0 >> 4) | (((hb >> 4) & 3) << 4)) - 32
-                                q3 = np.int32((l1 >> 4) | (((hb >> 6) & 3) << 4)) - 32
-                                acc[jj] += (s0 * f32(q0)) * x[t, xo + jj]
-                                acc[16 + jj] += (s1 * f32(q1)) * x[t, xo + 32 + jj]
-                                acc[32 + jj] += (s2 * f32(q2)) * x[t, xo + 64 + jj]
-                                acc[48 + jj] += (s3 * f32(q3)) * x[t, xo + 96 + jj]
-                y[t, r] = np.sum(acc)
-
-
-@njit(parallel=True, fastmath=FAST, **JIT)
 def matvec_bf16(data, x, y):
+    """bf16 as uint16: ``w = bits << 16`` read as float32, in registers."""
     w = data.view(np.uint16)
     R, n, T = w.shape[0], w.shape[1], x.shape[0]
     nc = max(1, min(64, R // 32))
@@ -432,18 +406,72 @@ def matvec_f32(data, x, y):
                 y[t, r] = s
 
 
-# name -> (weights per block, bytes per block, matvec, decode)
-FORMATS = {
-    "Q8_0": (32, 34, matvec_q8_0, decode_q8_0),
-    "Q5_0": (32, 22, matvec_q5_0, decode_q5_0),
-    "Q4_0": (32, 18, matvec_q4_0, decode_q4_0),
-    "Q4_K": (256, 144, matvec_q4_k, decode_q4_k),
-    "Q5_K": (256, 176, None, decode_q5_k),
-    "Q6_K": (256, 210, matvec_q6_k, decode_q6_k),
-    "bf16": (1, 2, matvec_bf16, decode_bf16),
-    "f16": (1, 2, matvec_f16, decode_f16),
-    "f32": (1, 4, matvec_f32, decode_f32),
-}
+# Read as stored: kind -> (matvec, decode).
+STORED = {"Q8_0": (matvec_q8_0, decode_q8_0), "bf16": (matvec_bf16, decode_bf16),
+          "f16": (matvec_f16, decode_f16), "f32": (matvec_f32, decode_f32)}
+# Unpacked once: kind -> (unpack, weights per group, has a shift).
+UNPACKED = {"Q5_0": (unpack_q5_0, 32, False), "Q4_0": (unpack_q4_0, 32, False),
+            "Q4_K": (unpack_q4_k, 32, True), "Q5_K": (unpack_q5_k, 32, True),
+            "Q6_K": (unpack_q6_k, 16, False)}
+FORMATS = sorted(STORED) + sorted(UNPACKED)
+
+
+class Packed:
+    """One weight matrix ``[rows, cols]`` in the form the kernels read.
+
+    ``matvec(x, y)``: ``y[T, rows] = x[T, cols] W^T``; ``decode(r0, r1, out)``: rows
+    ``[r0, r1)`` of W in float32, bit for bit the reference path's weights.
+    """
+
+    def __init__(self, tensor):
+        kind = getattr(tensor, "kind", "f32")
+        self.kind, self.shape = kind, tuple(tensor.shape)
+        rows, cols = self.shape
+        data = stored_bytes(tensor)
+        if kind in STORED:
+            self.data = data
+            self._matvec, self._decode = STORED[kind]
+        elif kind in UNPACKED:
+            unpack, group, has_shift = UNPACKED[kind]
+            self.q = np.empty((rows, cols), np.int8)
+            self.scale = np.empty((rows, cols // group), np.float32)
+            self.shift = np.empty((rows, cols // group) if has_shift else (1, 1), np.float32)
+            self.has_shift = has_shift
+            unpack(data, self.q, self.scale, self.shift)
+        else:
+            raise ValueError(f"no fast kernel for weights of type {kind}; load with fast=False")
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind in STORED:
+            return self.data.nbytes
+        return self.q.nbytes + self.scale.nbytes + (self.shift.nbytes if self.has_shift else 0)
+
+    def matvec(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self.kind in STORED:
+            self._matvec(self.data, x, y)
+        elif self.has_shift:
+            matvec_int8_g32_shift(self.q, self.scale, self.shift, x, y)
+        elif self.scale.shape[1] * 16 == self.shape[1]:
+            matvec_int8_g16(self.q, self.scale, x, y)
+        else:
+            matvec_int8_g32(self.q, self.scale, x, y)
+
+    def decode(self, r0: int, r1: int, out: np.ndarray) -> None:
+        if self.kind in STORED:
+            self._decode(self.data, r0, r1, out)
+        else:
+            decode_int8(self.q, self.scale, self.shift, self.has_shift, r0, r1, out)
+
+
+def stored_bytes(tensor) -> np.ndarray:
+    """A compact tensor's storage as C-contiguous uint8 ``[rows, bytes per row]`` (no copy
+    for memory-mapped checkpoints)."""
+    data = np.asarray(tensor.data)
+    if data.ndim == 1:
+        data = data.reshape(tensor.shape[0], -1)
+    data = np.ascontiguousarray(data)
+    return data.view(np.uint8).reshape(data.shape[0], -1)
 
 
 # ---- attention over the KV cache -------------------------------------------------------------
@@ -558,56 +586,45 @@ class Threads:
 
 
 # ---- the fast model ---------------------------------------------------------------------------
-def _kind(tensor) -> str:
-    return getattr(tensor, "kind", "f32")
-
-
-def stored_bytes(tensor) -> np.ndarray:
-    """A compact tensor's storage as C-contiguous uint8 ``[rows, bytes per row]`` (no copy
-    for memory-mapped checkpoints)."""
-    data = np.asarray(tensor.data)
-    if data.ndim == 1:
-        data = data.reshape(tensor.shape[0], -1)
-    data = np.ascontiguousarray(data)
-    return data.view(np.uint8).reshape(data.shape[0], -1)
-
-
 class FastGemma(Gemma):
     """:class:`Gemma` with the projections and the cached attention in Numba kernels.
 
-    Weights stay as stored (memory-mapped bf16, GGUF blocks); nothing is decoded ahead of time.
+    Weights stay compact: bf16, float16 and Q8_0 are read as stored (memory-mapped), sub-byte
+    GGUF types are unpacked to int8 + scales when first used (:class:`Packed`); nothing is
+    decoded to float32 ahead of time.
     ``linear``: for up to ``SMALL_T`` tokens a matvec kernel decodes the weights in registers;
-    for more (prefill) tiles of rows are decoded to float32 and multiplied with BLAS.
+    for more (prefill), tiles of rows are decoded to float32 and multiplied with BLAS.
     ``attend``: a kernel over the cache for up to ``SMALL_T`` queries; the reference otherwise
     (prefill, whose attention is a large matrix product) and whenever probabilities are wanted.
     """
 
     def __init__(self, config, weights, tokenizer=None):
         super().__init__(config, weights, tokenizer)
-        self._plans: dict[str, tuple] = {}
+        self.packed: dict[str, Packed] = {}
         self._tile: np.ndarray | None = None
         self.threads = Threads()
         for name, t in weights.tensors.items():
-            if len(t.shape) == 2 and _kind(t) not in FORMATS:
-                raise ValueError(f"tensor {name!r}: no fast kernel for {_kind(t)}; "
-                                 "load with fast=False")
+            kind = getattr(t, "kind", "f32")
+            if len(t.shape) == 2 and kind not in FORMATS:
+                raise ValueError(f"tensor {name!r}: no fast kernel for weights of type {kind} "
+                                 f"(fast kernels: {', '.join(FORMATS)}); load with fast=False")
 
-    def _plan(self, name):
-        plan = self._plans.get(name)
-        if plan is None:
-            t = self.weights.tensors[name]
-            per_block, bytes_per_block, matvec, decode = FORMATS[_kind(t)]
-            plan = self._plans[name] = (stored_bytes(t), matvec, decode, t.shape)
-        return plan
+    def _packed(self, name: str) -> Packed:
+        p = self.packed.get(name)
+        if p is None:
+            self.threads.use(PARALLEL_MIN)  # unpacking is parallel over rows
+            p = self.packed[name] = Packed(self.weights.tensors[name])
+        return p
 
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        data, matvec, decode, (rows, cols) = self._plan(name)
+        w = self._packed(name)
+        rows, cols = w.shape
         x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
         T = x.shape[0]
         y = np.empty((T, rows), np.float32)  # [T, out]
-        if T <= SMALL_T and matvec is not None:
+        if T <= SMALL_T:
             self.threads.use(T * rows * cols)
-            matvec(data, x, y)
+            w.matvec(x, y)
             return y
         # Decode the tiles on this thread alone: BLAS runs its own thread pool, and a Numba
         # worker still spinning after its region would take a core from it.
@@ -616,9 +633,8 @@ class FastGemma(Gemma):
         tile = self._tile_buffer(step * cols)[: step * cols].reshape(step, cols)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            w = tile[: r1 - r0]
-            decode(data, r0, r1, w)
-            y[:, r0:r1] = x @ w.T  # [T, in] @ [in, rows] on BLAS (an `out=` slice would not be)
+            w.decode(r0, r1, tile[: r1 - r0])
+            y[:, r0:r1] = x @ tile[: r1 - r0].T  # [T, in] @ [in, rows] on BLAS
         return y
 
     def _tile_buffer(self, n):
@@ -642,4 +658,4 @@ class FastGemma(Gemma):
         return out, None
 
 
-__all__ = ["FastGemma", "FORMATS", "Threads", "attend_cache", "stored_bytes"]
+__all__ = ["FastGemma", "FORMATS", "Packed", "Threads", "attend_cache", "stored_bytes"]
