@@ -285,14 +285,9 @@ def test_from_file_on_our_proto_equals_from_gguf(tok, ref, tmp_path):
         assert other.decode(e["ids"]) == e["decode"]
 
 
-@pytest.mark.slow
-def test_from_gguf_reader_equals_from_metadata(tok, gguf_path):
-    """A gguf.GGUFReader (slow to open: ~10 s for 262K strings) gives the same model."""
-    gguf = pytest.importorskip("gguf")
-    other = Tokenizer.from_gguf(gguf.GGUFReader(gguf_path))
+def test_from_gguf_path_equals_from_metadata(tok, gguf_path):
+    other = Tokenizer.from_gguf(gguf_path)
     assert other.model_proto == tok.model_proto
-    assert other.encode("<start_of_turn>user\nHi  there<end_of_turn>") == \
-        tok.encode("<start_of_turn>user\nHi  there<end_of_turn>")
 
 
 def test_missing_tokenizer_model_is_os_error(tmp_path):
@@ -366,8 +361,8 @@ def test_repeated_piece_is_named():
         Tokenizer.from_gguf(meta)
 
 
-def test_from_gguf_wants_a_reader_dict_or_path():
-    with pytest.raises(TypeError, match="GGUFReader"):
+def test_from_gguf_wants_a_dict_or_path():
+    with pytest.raises(TypeError, match="metadata dict or a path"):
         Tokenizer.from_gguf(42)
 
 

@@ -150,27 +150,13 @@ def build_model_proto(pieces: Sequence[str], scores: Sequence[float], types: Seq
 # ---------------------------------------------------------------------------------------------
 
 def _gguf_metadata(source) -> Mapping:
-    """The tokenizer.ggml.* values from a GGUFReader, a metadata mapping or a .gguf path."""
+    """The metadata of a GGUF file: given as the dict ``read_gguf`` gives, or as a path."""
     if isinstance(source, (str, os.PathLike)):
-        import gguf
-        source = gguf.GGUFReader(os.fspath(source))
+        from .checkpoints.gguf_header import read_gguf
+        return read_gguf(os.fspath(source)).metadata
     if isinstance(source, Mapping):
         return source
-    fields = getattr(source, "fields", None)
-    if fields is None:
-        raise TypeError(f"from_gguf wants a gguf.GGUFReader, a metadata dict or a path, "
-                        f"not {type(source).__name__}")
-    return {k: _reader_value(f) for k, f in fields.items() if k.startswith("tokenizer.")}
-
-
-def _reader_value(field):
-    """A GGUFReader field as a Python value (str, number, bool or list)."""
-    if hasattr(field, "contents"):
-        return field.contents()
-    # Older gguf packages: field.data indexes the parts that hold the value(s).
-    values = [field.parts[i] for i in field.data]
-    decoded = [bytes(v).decode("utf-8") if v.dtype == "uint8" else v.tolist()[0] for v in values]
-    return decoded if len(field.types) > 1 else decoded[0]
+    raise TypeError(f"from_gguf wants a GGUF metadata dict or a path, not {type(source).__name__}")
 
 
 def _respell(piece: str, kind: int) -> str:
@@ -265,13 +251,13 @@ class Tokenizer:
         return cls(data, source=path)
 
     @classmethod
-    def from_gguf(cls, reader) -> "Tokenizer":
-        """From a GGUF vocabulary: a ``gguf.GGUFReader``, its metadata as a dict, or a path.
+    def from_gguf(cls, source) -> "Tokenizer":
+        """From a GGUF vocabulary: the file's metadata (a dict) or its path.
 
         The GGUF says which pieces are control/user-defined/byte; we rebuild the SentencePiece
         BPE model from that (see the module docstring for the two spelling traps).
         """
-        meta = _gguf_metadata(reader)
+        meta = _gguf_metadata(source)
         tokens, scores, types, special = _gguf_vocab(meta)
         unk = special.pop("unk")
         if unk is None:
