@@ -201,9 +201,11 @@ def decode_int8(q, scale, shift, has_shift, r0, r1, out):
     """``w = scale * q - shift`` from unpacked weights (groups of ``n / scale.shape[1]``)."""
     G = q.shape[1] // scale.shape[1]
     for r in prange(r0, r1):
-        for j in range(q.shape[1]):
-            w = scale[r, j // G] * f32(q[r, j])
-            out[r - r0, j] = w - shift[r, j // G] if has_shift else w
+        for g in range(scale.shape[1]):
+            s, m = scale[r, g], shift[r, g] if has_shift else f32(0)
+            for j in range(G * g, G * g + G):
+                w = s * f32(q[r, j])
+                out[r - r0, j] = w - m if has_shift else w
 
 
 @njit(parallel=True, **JIT)
