@@ -278,3 +278,30 @@ def test_demo_greedy_64_tokens_same_as_reference(demo, demo_ref, prompt):
             assert step >= 16, f"near-tie at step {step}: choose another prompt"
             break
         assert int(np.argmax(row)) == token, f"step {step}"
+
+
+@pytest.mark.parametrize("kind", ["bf16", "f32"])
+def test_int8_quantisation(kind):
+    """quantize="int8": weights within half a step of the original per group of 32, and the
+    model computes with exactly those weights."""
+    rng = np.random.default_rng(5)
+    t = make_tensor(kind, 70, 96, rng)
+    p = K.Packed(t, quantize="int8")
+    assert p.kind == "int8" and p.q.dtype == np.int8
+    w, got = t.f32(), np.empty((70, 96), np.float32)
+    p.decode(0, 70, got)
+    step = np.abs(w).reshape(70, 3, 32).max(-1, keepdims=True) / 127
+    assert np.all(np.abs(got - w).reshape(70, 3, 32) <= step / 2 * (1 + 1e-5))
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    y = np.empty((2, 70), np.float32)
+    p.matvec(x, y)
+    assert_close_products(y, x, got)
+    c = tiny_config(tie_word_embeddings=False)  # the embedding lookup reads the original rows
+    tensors = tiny_weights(c, kind, seed=3)
+    fast = K.FastGemma(c, Weights(tensors), quantize="int8")
+    ids = np.arange(1, 11)
+    got = fast.forward(ids)
+    decoded = {n: (Tensor(fast._packed(n).q * np.repeat(fast._packed(n).scale, 32, axis=1))
+                   if len(t.shape) == 2 and n != "embed" else t) for n, t in tensors.items()}
+    want = Gemma(c, Weights(decoded)).forward(ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

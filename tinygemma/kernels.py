@@ -244,6 +244,25 @@ def decode_f32(data, r0, r1, out):
             out[r - r0, j] = w[r, j]
 
 
+@njit(parallel=True, **JIT)
+def quantize_int8_g32(w, q, scale, r0):
+    """Rows of float32 ``w`` -> int8 ``q[r0 + i]`` and scales per group of 32 (``quantize="int8"``).
+
+    ``scale = max|w| / 127`` over the group, ``q = round(w / scale)``: the Q8_0 scheme with a
+    float32 scale; afterwards the model computes with exactly ``scale * q``.
+    """
+    for i in prange(w.shape[0]):
+        for g in range(w.shape[1] // 32):
+            m = f32(0)
+            for j in range(32 * g, 32 * g + 32):
+                m = max(m, abs(w[i, j]))
+            s = m / f32(127)
+            scale[r0 + i, g] = s
+            inv = f32(1) / s if s > 0 else f32(0)
+            for j in range(32 * g, 32 * g + 32):
+                q[r0 + i, j] = np.int8(np.rint(w[i, j] * inv))
+
+
 # ---- matvec: y[t, r] = sum_j W[r, j] x[t, j], decoding W in registers ------------------------
 # Parallel over chunks of output rows. Each row's sum is split over the lanes of a small
 # float32 accumulator, four groups of weights at a time: independent chains that LLVM turns
@@ -425,12 +444,14 @@ class Packed:
     ``[r0, r1)`` of W in float32, bit for bit the reference path's weights.
     """
 
-    def __init__(self, tensor):
+    def __init__(self, tensor, quantize: str | None = None):
         kind = getattr(tensor, "kind", "f32")
         self.kind, self.shape = kind, tuple(tensor.shape)
         rows, cols = self.shape
         data = stored_bytes(tensor)
-        if kind in STORED:
+        if quantize == "int8" and kind in ("bf16", "f16", "f32") and cols % 32 == 0:
+            self._quantize(data, STORED[kind][1])
+        elif kind in STORED:
             self.data = data
             self._matvec, self._decode = STORED[kind]
         elif kind in UNPACKED:
@@ -442,6 +463,21 @@ class Packed:
             unpack(data, self.q, self.scale, self.shift)
         else:
             raise ValueError(f"no fast kernel for weights of type {kind}; load with fast=False")
+
+    def _quantize(self, data, decode) -> None:
+        """int8 per group of 32 with float32 scales, a tile of rows at a time."""
+        rows, cols = self.shape
+        self.kind, self.has_shift = "int8", False
+        self.q = np.empty((rows, cols), np.int8)
+        self.scale = np.empty((rows, cols // 32), np.float32)
+        self.shift = np.empty((1, 1), np.float32)
+        step = max(1, TILE_ELEMS // cols)
+        tile = np.empty((min(rows, step), cols), np.float32)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            decode(data, r0, r1, tile[: r1 - r0])
+            quantize_int8_g32(tile[: r1 - r0], self.q, self.scale, r0)
+        release_pages(data)  # the bf16 pages are read once: let them leave this process's RSS
 
     @property
     def nbytes(self) -> int:
@@ -464,6 +500,29 @@ class Packed:
             self._decode(self.data, r0, r1, out)
         else:
             decode_int8(self.q, self.scale, self.shift, self.has_shift, r0, r1, out)
+
+
+def release_pages(a: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array from this process (MADV_DONTNEED; Linux).
+
+    The file stays in the page cache, so nothing is lost; the process's RSS no longer counts
+    them. Does nothing for arrays not backed by a memory map."""
+    import mmap
+    base = a
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+    if base is None or not hasattr(base, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = a.__array_interface__["data"][0]
+    try:
+        begin = np.frombuffer(base, np.uint8, count=1).__array_interface__["data"][0]
+        page = mmap.PAGESIZE
+        lo = (start - begin + page - 1) // page * page  # whole pages inside the array only
+        hi = (start - begin + a.nbytes) // page * page
+        if hi > lo:
+            base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (ValueError, OSError, TypeError):
+        pass
 
 
 def stored_bytes(tensor) -> np.ndarray:
@@ -600,8 +659,11 @@ class FastGemma(Gemma):
     (prefill, whose attention is a large matrix product) and whenever probabilities are wanted.
     """
 
-    def __init__(self, config, weights, tokenizer=None):
+    def __init__(self, config, weights, tokenizer=None, quantize: str | None = None):
         super().__init__(config, weights, tokenizer)
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        self.quantize = quantize
         self.packed: dict[str, Packed] = {}
         self._tile: np.ndarray | None = None
         self.threads = Threads()
@@ -615,7 +677,7 @@ class FastGemma(Gemma):
         p = self.packed.get(name)
         if p is None:
             self.threads.use(PARALLEL_MIN)  # unpacking is parallel over rows
-            p = self.packed[name] = Packed(self.weights.tensors[name])
+            p = self.packed[name] = Packed(self.weights.tensors[name], self.quantize)
         return p
 
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
