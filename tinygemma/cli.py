@@ -237,7 +237,10 @@ def main(argv=None) -> int:
         print("\n[interrupted]", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of stdout went away (| head): nothing is wrong
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        try:  # point stdout at /dev/null, so the flush at exit does not raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (captured)
+            pass
         return 0
     except (ValueError, OSError) as e:  # our errors subclass these: one clear line
         print(f"tinygemma: error: {e}", file=sys.stderr)
