@@ -85,10 +85,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="threads per engine (0: all cores)")
     p.add_argument("--ref-python", default=None, help="interpreter with torch / llama_cpp")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the engines in turn this many times; report each one's median "
+                        "round (fairer ratios on a machine with other work)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per engine")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
 
+
+    import numpy as np
 
     import tinygemma as tg
     from tinygemma.bench import format_table, memory_bandwidth, prompt_ids
@@ -112,27 +117,40 @@ def main(argv=None) -> int:
           f"{roofline_bytes / 1e9:.3f} GB")
     print(f"memory bandwidth (streaming read, all threads): {bandwidth / 1e9:.1f} GB/s -> "
           f"decode roofline {bandwidth / roofline_bytes:.1f} tokens/s at the stored size")
-    print(f"prompt {len(ids)} tokens, {a.new_tokens} new tokens, median of {a.repeats} runs; "
-          f"each engine in its own process\n", flush=True)
+    print(f"prompt {len(ids)} tokens, {a.new_tokens} new tokens, median of {a.repeats} runs"
+          f"{f' and of {a.rounds} rounds' if a.rounds > 1 else ''}; each engine in its own "
+          f"process, {a.threads or os.cpu_count()} threads\n", flush=True)
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         ids_file = os.path.join(tmp, "ids.json")
         with open(ids_file, "w") as f:
             json.dump([int(i) for i in ids], f)
-        for engine in a.engines.split(","):
-            python = sys.executable if engine.startswith("tinygemma") else ref_python
-            if python is None:
-                results[engine] = {"skipped": "no Python with torch/llama_cpp found "
-                                              "(--ref-python)"}
+        rounds: dict[str, list[dict]] = {}
+        for k in range(a.rounds):
+            for engine in a.engines.split(","):
+                python = sys.executable if engine.startswith("tinygemma") else ref_python
+                if python is None:
+                    r = {"skipped": "no Python with torch/llama_cpp found (--ref-python)"}
+                elif k and "skipped" in rounds[engine][0]:
+                    continue
+                else:
+                    repeats = 1 if engine == "tinygemma-ref" else a.repeats
+                    r = run_engine(engine, python, a.model, ids_file, a.new_tokens,
+                                   repeats, a.threads, a.timeout)
+                rounds.setdefault(engine, []).append(r)
+                status = r.get("skipped") or (f"prefill {r['prefill_tok_s']:.1f} tok/s, decode "
+                                              f"{r['decode_tok_s']:.1f} tok/s")
+                print(f"  round {k + 1}: {NAMES[engine]}: {status}", file=sys.stderr, flush=True)
+        for engine, rs in rounds.items():
+            ok = [r for r in rs if "skipped" not in r]
+            if not ok:
+                results[engine] = rs[0]
                 continue
-            repeats = 1 if engine == "tinygemma-ref" else a.repeats
-            results[engine] = run_engine(engine, python, a.model, ids_file, a.new_tokens,
-                                         repeats, a.threads, a.timeout)
-            r = results[engine]
-            status = r.get("skipped") or (f"prefill {r['prefill_tok_s']:.1f} tok/s, decode "
-                                          f"{r['decode_tok_s']:.1f} tok/s")
-            print(f"  {NAMES[engine]}: {status}", file=sys.stderr, flush=True)
+            results[engine] = dict(ok[0])
+            for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes"):
+                results[engine][key] = float(np.median([r[key] for r in ok]))
+            results[engine]["rounds"] = len(ok)
 
     base = {k: results.get(k, {}) for k in ("transformers", "llama.cpp")}
     rows = []
