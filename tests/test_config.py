@@ -108,3 +108,8 @@ def test_missing_key_and_missing_file(tmp_path):
         GemmaConfig.from_json(tmp_path / "config.json")
     (tmp_path / "config.json").write_text(json.dumps(GEMMA_2B_JSON))
     assert GemmaConfig.from_json(tmp_path / "config.json") == GEMMA_2B
+
+
+def test_a_huge_layer_count_fails_fast():
+    with pytest.raises(CheckpointError, match="num_hidden_layers"):
+        GemmaConfig.from_dict({**GEMMA_2B_JSON, "num_hidden_layers": 10**9})

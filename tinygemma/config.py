@@ -23,6 +23,7 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 # Every name a Gemma config.json uses for its activation; all mean the tanh approximation
 # (official Gemma code uses it even where an early config.json says "gelu").
 _GELUS = {"gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_tanh"}
+MAX_LAYERS = 1024  # Gemma's deepest has 62; a larger count is a corrupt file, not a model
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class GemmaConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise CheckpointError(f"config: {name} must be a positive integer, "
                                       f"got {getattr(self, name)!r}")
+        if self.num_layers > MAX_LAYERS:
+            raise CheckpointError(f"config: {self.num_layers} layers; at most {MAX_LAYERS}")
         if not self.layer_types:
             object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
         if len(self.layer_types) != self.num_layers:
@@ -120,6 +123,9 @@ class GemmaConfig:
             raise CheckpointError(f"{where}: activation {act!r} is not Gemma's GELU")
         try:
             n_layers = d["num_hidden_layers"]
+            if not isinstance(n_layers, int) or not 1 <= n_layers <= MAX_LAYERS:  # sizes tuples
+                raise CheckpointError(f"{where}: num_hidden_layers {n_layers!r} is not a "
+                                      f"layer count (1 to {MAX_LAYERS})")
             n_heads = d["num_attention_heads"]
             hidden = d["hidden_size"]
             head_dim = d.get("head_dim") or hidden // n_heads

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from ..config import FULL, SLIDING, GemmaConfig
+from ..config import FULL, MAX_LAYERS, SLIDING, GemmaConfig
 from ..errors import CheckpointError
 from .gguf_header import TensorInfo, read_gguf
 from .weights import BF16Tensor, F16Tensor, Tensor, check_weights
@@ -28,7 +28,6 @@ _LAYER_PARTS = {"attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v"
                 "ffn_down": "down"}
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 _FAMILY = {"gemma": 1, "gemma2": 2, "gemma3": 3}
-MAX_LAYERS = 1024  # Gemma's deepest has 62; a larger count is a corrupt header, not a model
 
 
 class GGUFTensor(Tensor):
