@@ -196,3 +196,21 @@ def test_plots_draw_what_they_are_given(tiny):
     assert [p.get_height() for p in ax.patches] == [0.5, 0.3]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b\\n"]
     plt.close("all")
+
+
+def test_ablation_works_on_the_fast_path_too(tiny):
+    kernels = pytest.importorskip("tinygemma.kernels")
+    fast = kernels.FastGemma(TINY, tiny.weights, Pieces())
+    d = TINY.head_dim
+    o = tiny.weights["layers.1.o"].copy()
+    o[:, d:2 * d] = 0  # head 1 of layer 1
+    want = make_model(TINY, overrides={"layers.1.o": o})
+    for ids in (IDS, IDS[:3]):  # 5 tokens and 3: the fast path's kernels serve both
+        with ablate_heads(fast, {(1, 1)}):
+            got = fast.forward(ids)
+        np.testing.assert_allclose(got, want.forward(ids), rtol=1e-4, atol=1e-5)
+    cache = fast.new_cache(len(IDS))  # and token-by-token decoding through the KV cache
+    with ablate_heads(fast, {(1, 1)}):
+        steps = np.concatenate([fast.forward(IDS[t:t + 1], cache=cache) for t in range(len(IDS))])
+    np.testing.assert_allclose(steps, want.forward(IDS), rtol=1e-4, atol=1e-5)
+    assert "attend" not in vars(fast)
