@@ -51,8 +51,8 @@ def timed_runs(prefill, step, ids, new_tokens, repeats):
 
 
 def run_tinygemma(path, ids, new_tokens, repeats, fast, threads):
-    # A fixed thread count, like the other engines: no load-average adaptation mid-benchmark.
-    os.environ["TINYGEMMA_THREADS"] = str(threads or os.cpu_count())
+    if threads:
+        os.environ["TINYGEMMA_THREADS"] = str(threads)  # at most this many, like the others
     import tinygemma as tg
     t0 = time.perf_counter()
     model = tg.load(path, fast=fast)

@@ -67,9 +67,12 @@ def bench(model, prompt_tokens: int = 500, new_tokens: int = 64, repeats: int = 
           ids=None) -> dict:
     """Prefill and decode tokens/s of ``model`` (medians over ``repeats``), and peak RSS."""
     ids = prompt_ids(model, prompt_tokens) if ids is None else np.asarray(ids, np.int64)
-    warm = model.new_cache(8)
-    model.forward(ids[:2], cache=warm, last_only=True)  # loads the kernels; a short prompt
-    model.forward(ids[2:3], cache=warm, last_only=True)  # and one decode step
+    # Warm-up: load (or compile) every kernel the timed runs use: a long prompt (decoded
+    # tiles + BLAS), a short one (matvec) and a decode step.
+    warm = model.new_cache(len(ids) + 3)
+    model.forward(ids[:min(len(ids), 24)], cache=warm, last_only=True)
+    model.forward(ids[:2], cache=warm, last_only=True)
+    model.forward(ids[2:3], cache=warm, last_only=True)
     prefill, decode, generated = [], [], []
     for _ in range(repeats):
         cache = model.new_cache(len(ids) + new_tokens)

@@ -566,7 +566,7 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, out):
                 row = scores[g * T + t]
                 p = pos0 + t
                 lo = first if window <= 0 else max(first, p - window + 1)
-                m = -np.inf
+                m = f32(-np.inf)
                 for s in range(S):
                     key_pos = first + s
                     if key_pos < lo or key_pos > p:
@@ -594,56 +594,78 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, out):
 
 # ---- threads ---------------------------------------------------------------------------------
 class Threads:
-    """How many threads a kernel call gets.
+    """How many threads each kernel call gets, chosen by measuring.
 
-    A parallel region ends when its slowest thread does. On a machine whose cores are busy
-    with other work, a worker thread can wait a whole scheduler time slice (milliseconds) to
-    run, and a 50-microsecond matvec then takes 10-20 ms; one thread never waits. So kernels
-    run on one thread when their work is small (below ``PARALLEL_MIN`` weights, where waking a
-    second thread costs more than it saves) or, when ``adaptive``, while the 1-minute load
-    average says other processes hold the cores (checked once a second). ``limit`` caps the
-    threads (None: Numba's default, one per core). The environment variable
-    ``TINYGEMMA_THREADS=N`` sets ``limit=N`` and turns the load check off (benchmarks use it).
+    A parallel region ends when its slowest thread does. On an idle machine two threads run a
+    large matvec in half the time; but when other processes hold the cores, a worker thread
+    can wait a scheduler time slice (milliseconds) before it runs, and a 50-microsecond matvec
+    then takes 10-20 ms, while one thread never waits. No setting is right for both, so each
+    call site (each shape of weight matrix) keeps a running average of the time per
+    multiply-add with one thread and with all of them, uses the faster, and re-tries the other
+    every ``EXPLORE`` calls (up to 64 times less often the slower it was). Calls with less than ``PARALLEL_MIN`` multiply-adds always run on the
+    calling thread (waking a worker costs more than it saves). ``limit`` (or the environment
+    variable ``TINYGEMMA_THREADS``) caps the threads; the default is Numba's, one per core.
     """
 
-    def __init__(self, limit: int | None = None, adaptive: bool = True):
+    EXPLORE = 16
+
+    def __init__(self, limit: int | None = None):
         import numba
         self._numba = numba
         env = os.environ.get("TINYGEMMA_THREADS")
-        if limit is None and env:
-            limit, adaptive = int(env), False
-        self.limit, self.adaptive = limit, adaptive
+        self.limit = limit if limit is not None else (int(env) if env else None)
         self._current = numba.get_num_threads()
-        self._checked = -1.0
-        self._busy = False
+        self._stats: dict = {}  # key -> [seconds per unit of work with 1 thread, with most; calls]
 
     def most(self) -> int:
         n = self._numba.config.NUMBA_NUM_THREADS
         return max(1, min(n, self.limit or n))
 
-    def busy(self) -> bool:
-        """Whether other processes keep the cores busy (load average above cores + 0.5)."""
-        if not self.adaptive:
-            return False
-        now = time.monotonic()
-        if now - self._checked > 1.0:
-            self._checked = now
-            try:
-                cores = len(os.sched_getaffinity(0))
-            except AttributeError:  # not Linux
-                cores = os.cpu_count() or 1
-            try:
-                self._busy = os.getloadavg()[0] > cores + 0.5
-            except OSError:
-                self._busy = False
-        return self._busy
-
-    def use(self, work: int) -> None:
-        """Set the threads for a kernel call of ``work`` multiply-adds."""
-        n = 1 if work < PARALLEL_MIN or self.busy() else self.most()
+    def _set(self, n: int) -> None:
         if n != self._current:
             self._numba.set_num_threads(n)
             self._current = n
+
+    def pick(self, key, work: int) -> int:
+        """Threads for a call of ``work`` multiply-adds at call site ``key`` (and set them)."""
+        most = self.most()
+        if work < PARALLEL_MIN or most == 1:
+            self._set(1)
+            return 1
+        st = self._stats.get(key)
+        if st is None:
+            st = self._stats[key] = [None, None, 0]
+        st[2] += 1
+        if st[1] is None:
+            n = most
+        elif st[0] is None:
+            n = 1
+        else:
+            n = 1 if st[0] <= st[1] else most
+            # Re-try the slower choice now and then, more rarely the slower it was.
+            ratio = max(st[0], st[1]) / max(min(st[0], st[1]), 1e-30)
+            if st[2] % int(self.EXPLORE * min(max(ratio, 1.0), 64.0)) == 0:
+                n = most if n == 1 else 1
+        self._set(n)
+        return n
+
+    def record(self, key, n: int, work: int, seconds: float) -> None:
+        st = self._stats.get(key)
+        if st is None or work <= 0:
+            return
+        i = 0 if n == 1 else 1
+        rate = seconds / work
+        st[i] = rate if st[i] is None else 0.7 * st[i] + 0.3 * rate
+
+    def run(self, key, work: int, kernel, *args) -> None:
+        """``kernel(*args)`` with the threads chosen for ``key``, timed for the next choice."""
+        n = self.pick(key, work)
+        if n == 1 and work < PARALLEL_MIN:
+            kernel(*args)
+            return
+        t0 = time.perf_counter()
+        kernel(*args)
+        self.record(key, n, work, time.perf_counter() - t0)
 
 
 # ---- the fast model ---------------------------------------------------------------------------
@@ -676,7 +698,7 @@ class FastGemma(Gemma):
     def _packed(self, name: str) -> Packed:
         p = self.packed.get(name)
         if p is None:
-            self.threads.use(PARALLEL_MIN)  # unpacking is parallel over rows
+            self.threads.pick(None, 0)  # unpacking: once, on this thread
             p = self.packed[name] = Packed(self.weights.tensors[name], self.quantize)
         return p
 
@@ -687,12 +709,11 @@ class FastGemma(Gemma):
         T = x.shape[0]
         y = np.empty((T, rows), np.float32)  # [T, out]
         if T <= SMALL_T:
-            self.threads.use(T * rows * cols)
-            w.matvec(x, y)
+            self.threads.run((w.kind, rows, cols, T), T * rows * cols, w.matvec, x, y)
             return y
         # Decode the tiles on this thread alone: BLAS runs its own thread pool, and a Numba
         # worker still spinning after its region would take a core from it.
-        self.threads.use(0)
+        self.threads.pick(None, 0)
         step = max(1, min(rows, TILE_ELEMS // cols))  # rows per decoded tile
         tile = self._tile_buffer(step * cols)[: step * cols].reshape(step, cols)
         for r0 in range(0, rows, step):
@@ -715,10 +736,11 @@ class FastGemma(Gemma):
         pos0 = int(positions[0])
         first = 0 if not window else max(0, pos0 - window + 1)
         out = np.empty(q.shape, np.float32)  # [H, T, d]
-        work = 2 * q.size * (pos0 + T - first)  # q.k and p.v multiply-adds
-        self.threads.use(work if c.num_kv_heads > 1 else 0)  # parallel over KV heads (MQA: one)
-        attend_cache(np.ascontiguousarray(q, dtype=np.float32), cache.k[i], cache.v[i], pos0,
-                     first, window, float(c.attn_scale), float(c.attn_logit_softcap or 0.0), out)
+        work = 2 * q.size * (pos0 + T - first) if c.num_kv_heads > 1 else 0  # parallel over
+        self.threads.run("attend", work, attend_cache,  # KV heads: MQA has one
+                         np.ascontiguousarray(q, dtype=np.float32), cache.k[i], cache.v[i],
+                         pos0, first, window, float(c.attn_scale),
+                         float(c.attn_logit_softcap or 0.0), out)
         return out, None
 
 
