@@ -196,16 +196,30 @@ def unpack_q6_k(data, q, scale, shift):
 # ---- exact decoders to float32 (prefill tiles; the NumPy twin is gguf.quants.dequantize) -----
 # Each writes rows [r0, r1) of the matrix as float32 ``[r1 - r0, n]``. No fastmath.
 
+@njit(inline="always")
+def _dequant_group(q, scale, shift, has_shift, r, g, G, out, i):
+    s = scale[r, g]
+    if has_shift:
+        m = shift[r, g]
+        for j in range(G):
+            out[i, G * g + j] = s * f32(q[r, G * g + j]) - m
+    else:
+        for j in range(G):
+            out[i, G * g + j] = s * f32(q[r, G * g + j])
+
+
 @njit(parallel=True, **JIT)
 def decode_int8(q, scale, shift, has_shift, r0, r1, out):
     """``w = scale * q - shift`` from unpacked weights (groups of ``n / scale.shape[1]``)."""
     G = q.shape[1] // scale.shape[1]
     for r in prange(r0, r1):
         for g in range(scale.shape[1]):
-            s, m = scale[r, g], shift[r, g] if has_shift else f32(0)
-            for j in range(G * g, G * g + G):
-                w = s * f32(q[r, j])
-                out[r - r0, j] = w - m if has_shift else w
+            if G == 32:  # constant group sizes: the inner loops vectorise
+                _dequant_group(q, scale, shift, has_shift, r, g, 32, out, r - r0)
+            elif G == 16:
+                _dequant_group(q, scale, shift, has_shift, r, g, 16, out, r - r0)
+            else:
+                _dequant_group(q, scale, shift, has_shift, r, g, G, out, r - r0)
 
 
 @njit(parallel=True, **JIT)
