@@ -13,20 +13,31 @@ def softcap_off(g2, ids):
     return changed, float(np.abs(capped - uncapped).max())
 
 
-def reach(g3, length=100, seed=0):
-    """2. With only local layers a token reaches W - 1 positions further back per layer."""
+def reach(g3, length=200, seed=0):
+    """2. With only local layers a token reaches W - 1 positions further back per layer.
+
+    Changing every token before position j leaves the last logits unchanged exactly when j is
+    out of reach, and that is monotone in j: a binary search finds the first position in reach.
+    """
     c = g3.config.replace(layer_types=("sliding_attention",) * g3.config.num_layers)
     local = tg.Gemma(c, g3.weights)
     rng = np.random.default_rng(seed)
     ids = np.concatenate([[2], rng.integers(3, c.vocab_size, length - 1)])
     last = local.forward(ids, last_only=True)
-    first = None
-    for j in range(1, length):  # position 0 is BOS; change one token at a time
+
+    def unchanged_before(j):  # replace tokens 1 .. j-1 (position 0 is BOS)
         changed = ids.copy()
-        changed[j] = 3 if ids[j] != 3 else 4
-        if not np.array_equal(local.forward(changed, last_only=True), last):
-            first = j
-            break
+        changed[1:j] = np.where(ids[1:j] == 3, 4, 3)
+        return np.array_equal(local.forward(changed, last_only=True), last)
+
+    lo, hi = 1, length  # unchanged_before(lo) holds (nothing changed); find the largest such j
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if unchanged_before(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    first = lo  # tokens before `first` do not matter; the one at `first` does
     return first, length - 1 - c.num_layers * (c.sliding_window - 1)
 
 
