@@ -65,7 +65,7 @@ def run_tinygemma(path, ids, new_tokens, repeats, fast, threads):
             "detail": f"fast={fast}, numba {__import__('numba').__version__}"}
 
 
-def run_transformers(path, ids, new_tokens, repeats, threads):
+def run_transformers(path, ids, new_tokens, repeats, threads, dtype="float32"):
     try:
         import torch
         import transformers
@@ -73,14 +73,15 @@ def run_transformers(path, ids, new_tokens, repeats, threads):
     except ImportError as e:
         return {"skipped": f"transformers/torch not installed ({e.name})"}
     torch.set_num_threads(threads or os.cpu_count())
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[dtype]
     t0 = time.perf_counter()
     if os.path.isdir(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
                                                      attn_implementation="sdpa")
     else:
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
                                                      gguf_file=os.path.basename(path),
-                                                     dtype=torch.float32,
+                                                     dtype=torch_dtype,
                                                      attn_implementation="sdpa")
     model.eval()
     load_s = time.perf_counter() - t0
@@ -103,7 +104,7 @@ def run_transformers(path, ids, new_tokens, repeats, threads):
     pre, dec, gen = timed_runs(prefill, step, list(ids), new_tokens, repeats)
     return {"prefill_s": pre, "decode_s": dec, "load_s": load_s, "generated": gen,
             "detail": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                      f"float32, sdpa, {torch.get_num_threads()} threads"}
+                      f"{next(model.parameters()).dtype}, sdpa, {torch.get_num_threads()} threads"}
 
 
 def run_llama_cpp(path, ids, new_tokens, repeats, threads):
@@ -148,6 +149,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--tf-dtype", default="float32", choices=["float32", "bfloat16", "auto"])
     a = p.parse_args(argv)
     with open(a.ids) as f:
         ids = np.asarray(json.load(f), np.int64)
@@ -156,7 +158,7 @@ def main(argv=None):
             r = run_tinygemma(a.model, ids, a.new_tokens, a.repeats, a.engine == "tinygemma",
                               a.threads)
         elif a.engine == "transformers":
-            r = run_transformers(a.model, ids, a.new_tokens, a.repeats, a.threads)
+            r = run_transformers(a.model, ids, a.new_tokens, a.repeats, a.threads, a.tf_dtype)
         else:
             r = run_llama_cpp(a.model, ids, a.new_tokens, a.repeats, a.threads)
     except ImportError as e:

@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 NAMES = {"tinygemma": "tinygemma (fast)", "tinygemma-ref": "tinygemma (reference)",
-         "transformers": "transformers fp32", "llama.cpp": "llama.cpp"}
+         "transformers": "transformers", "llama.cpp": "llama.cpp"}
 
 
 def find_ref_python(given: str | None) -> str | None:
@@ -59,9 +59,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_engine(engine, python, model, ids_file, new_tokens, repeats, threads, timeout):
+def run_engine(engine, python, model, ids_file, new_tokens, repeats, threads, timeout,
+               tf_dtype="float32"):
     cmd = [python, os.path.join(HERE, "engines.py"), engine, "--model", model, "--ids", ids_file,
-           "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--threads", str(threads)]
+           "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--threads", str(threads),
+           "--tf-dtype", tf_dtype]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -85,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="threads per engine (0: all cores)")
     p.add_argument("--ref-python", default=None, help="interpreter with torch / llama_cpp")
+    p.add_argument("--tf-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                   help="transformers' weight dtype (auto: the checkpoint's, bf16 for the 2B)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the engines in turn this many times; report each one's median "
                         "round (fairer ratios on a machine with other work)")
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
                 else:
                     repeats = 1 if engine == "tinygemma-ref" else a.repeats
                     r = run_engine(engine, python, a.model, ids_file, a.new_tokens,
-                                   repeats, a.threads, a.timeout)
+                                   repeats, a.threads, a.timeout, a.tf_dtype)
                 rounds.setdefault(engine, []).append(r)
                 status = r.get("skipped") or (f"prefill {r['prefill_tok_s']:.1f} tok/s, decode "
                                               f"{r['decode_tok_s']:.1f} tok/s")

@@ -616,12 +616,14 @@ class Threads:
     then takes 10-20 ms, while one thread never waits. No setting is right for both, so each
     call site (each shape of weight matrix) keeps a running average of the time per
     multiply-add with one thread and with all of them, uses the faster, and re-tries the other
-    every ``EXPLORE`` calls (up to 64 times less often the slower it was). Calls with less than ``PARALLEL_MIN`` multiply-adds always run on the
-    calling thread (waking a worker costs more than it saves). ``limit`` (or the environment
-    variable ``TINYGEMMA_THREADS``) caps the threads; the default is Numba's, one per core.
+    every ``EXPLORE`` calls but at most once every ``RETRY_S`` seconds. Calls with less than
+    ``PARALLEL_MIN`` multiply-adds always run on the calling thread (waking a worker costs
+    more than it saves). ``limit`` (or the environment variable ``TINYGEMMA_THREADS``) caps
+    the threads; the default is Numba's, one per core.
     """
 
     EXPLORE = 16
+    RETRY_S = 1.0
 
     def __init__(self, limit: int | None = None):
         import numba
@@ -648,7 +650,7 @@ class Threads:
             return 1
         st = self._stats.get(key)
         if st is None:
-            st = self._stats[key] = [None, None, 0]
+            st = self._stats[key] = [None, None, 0, 0.0]
         st[2] += 1
         if st[1] is None:
             n = most
@@ -656,10 +658,13 @@ class Threads:
             n = 1
         else:
             n = 1 if st[0] <= st[1] else most
-            # Re-try the slower choice now and then, more rarely the slower it was.
-            ratio = max(st[0], st[1]) / max(min(st[0], st[1]), 1e-30)
-            if st[2] % int(self.EXPLORE * min(max(ratio, 1.0), 64.0)) == 0:
+            # Re-try the slower choice now and then: at least every EXPLORE calls, and if the
+            # last try was slow, not before RETRY_S seconds, so that a stalled parallel region
+            # costs at most a few percent.
+            now = time.monotonic()
+            if st[2] % self.EXPLORE == 0 and now - st[3] > self.RETRY_S:
                 n = most if n == 1 else 1
+                st[3] = now
         self._set(n)
         return n
 
@@ -669,7 +674,9 @@ class Threads:
             return
         i = 0 if n == 1 else 1
         rate = seconds / work
-        st[i] = rate if st[i] is None else 0.7 * st[i] + 0.3 * rate
+        chosen = st[i] is None or st[1 - i] is None or st[i] <= st[1 - i]
+        # The choice in use: a running average; a re-try of the other: its latest time.
+        st[i] = rate if st[i] is None or not chosen else 0.7 * st[i] + 0.3 * rate
 
     def run(self, key, work: int, kernel, *args) -> None:
         """``kernel(*args)`` with the threads chosen for ``key``, timed for the next choice."""
@@ -721,8 +728,8 @@ class FastGemma(Gemma):
         rows, cols = w.shape
         x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
         T = x.shape[0]
-        y = np.empty((T, rows), np.float32)  # [T, out]
         if T <= SMALL_T:
+            y = np.empty((T, rows), np.float32)  # [T, out]
             self.threads.run((w.kind, rows, cols, T), T * rows * cols, w.matvec, x, y)
             return y
         # Decode the tiles on this thread alone: BLAS runs its own thread pool, and a Numba
@@ -730,6 +737,10 @@ class FastGemma(Gemma):
         self.threads.pick(None, 0)
         step = max(1, min(rows, TILE_ELEMS // cols))  # rows per decoded tile
         tile = self._tile_buffer(step * cols)[: step * cols].reshape(step, cols)
+        if step == rows:  # one tile: the whole matrix
+            w.decode(0, rows, tile)
+            return x @ tile.T  # [T, in] @ [in, out] on BLAS
+        y = np.empty((T, rows), np.float32)  # [T, out]
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             w.decode(r0, r1, tile[: r1 - r0])
