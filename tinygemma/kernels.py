@@ -623,7 +623,7 @@ class Threads:
     """
 
     EXPLORE = 16
-    RETRY_S = 1.0
+    RETRY_S = 0.25
 
     def __init__(self, limit: int | None = None):
         import numba
@@ -631,7 +631,9 @@ class Threads:
         env = os.environ.get("TINYGEMMA_THREADS")
         self.limit = limit if limit is not None else (int(env) if env else None)
         self._current = numba.get_num_threads()
-        self._stats: dict = {}  # key -> [seconds per unit of work with 1 thread, with most; calls]
+        # key -> [seconds per multiply-add with 1 thread, with all; calls]
+        self._stats: dict = {}
+        self._retried = 0.0  # when the slower choice was last re-tried (for any key)
 
     def most(self) -> int:
         n = self._numba.config.NUMBA_NUM_THREADS
@@ -650,7 +652,7 @@ class Threads:
             return 1
         st = self._stats.get(key)
         if st is None:
-            st = self._stats[key] = [None, None, 0, 0.0]
+            st = self._stats[key] = [None, None, 0]
         st[2] += 1
         if st[1] is None:
             n = most
@@ -658,13 +660,14 @@ class Threads:
             n = 1
         else:
             n = 1 if st[0] <= st[1] else most
-            # Re-try the slower choice now and then: at least every EXPLORE calls, and if the
-            # last try was slow, not before RETRY_S seconds, so that a stalled parallel region
-            # costs at most a few percent.
-            now = time.monotonic()
-            if st[2] % self.EXPLORE == 0 and now - st[3] > self.RETRY_S:
-                n = most if n == 1 else 1
-                st[3] = now
+            # Re-try the slower choice now and then: every EXPLORE calls of this key, but not
+            # twice within RETRY_S seconds over all keys, so that while parallel regions stall
+            # the re-tries cost a few percent at most.
+            if st[2] % self.EXPLORE == 0:
+                now = time.monotonic()
+                if now - self._retried > self.RETRY_S:
+                    n = most if n == 1 else 1
+                    self._retried = now
         self._set(n)
         return n
 
@@ -674,9 +677,15 @@ class Threads:
             return
         i = 0 if n == 1 else 1
         rate = seconds / work
-        chosen = st[i] is None or st[1 - i] is None or st[i] <= st[1 - i]
-        # The choice in use: a running average; a re-try of the other: its latest time.
-        st[i] = rate if st[i] is None or not chosen else 0.7 * st[i] + 0.3 * rate
+        if st[i] is None or st[1 - i] is None or st[i] <= st[1 - i]:
+            st[i] = rate if st[i] is None else 0.7 * st[i] + 0.3 * rate  # the choice in use
+            return
+        st[i] = rate  # a re-try of the other choice: its latest time
+        if rate < st[1 - i]:  # it won: the machine changed; let every key re-try it soon
+            for other in self._stats.values():
+                if other is not st and other[i] is not None and other[1 - i] is not None \
+                        and other[i] > other[1 - i]:
+                    other[i] = None
 
     def run(self, key, work: int, kernel, *args) -> None:
         """``kernel(*args)`` with the threads chosen for ``key``, timed for the next choice."""
@@ -690,6 +699,31 @@ class Threads:
 
 
 # ---- the fast model ---------------------------------------------------------------------------
+def tune_malloc() -> None:
+    """Keep NumPy's temporaries up to 32 MB on the heap (glibc ``mallopt``), once per process.
+
+    The forward pass allocates and frees arrays of a few MB per operation (prefill activations
+    ``[T, F]``, logits ``[1, V]``). Above glibc's mmap threshold each one is a fresh mapping
+    whose pages the kernel faults in and zeroes again at every use; in a process that has
+    loaded Numba the threshold stays at its 128 KB default, and page faults then made prefill
+    ~1.5x slower. ``TINYGEMMA_MALLOPT=0`` leaves the allocator alone.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or os.environ.get("TINYGEMMA_MALLOPT") == "0":
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD: keep freed memory for reuse
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_MALLOC_TUNED = False
+
+
 class FastGemma(Gemma):
     """:class:`Gemma` with the projections and the cached attention in Numba kernels.
 
@@ -707,6 +741,7 @@ class FastGemma(Gemma):
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         self.quantize = quantize
+        tune_malloc()
         self.packed: dict[str, Packed] = {}
         self._tile: np.ndarray | None = None
         self.threads = Threads()
