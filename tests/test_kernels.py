@@ -149,7 +149,8 @@ def test_attend_kernel_equals_reference(H, Kv, window, cap):
     for i in range(2):
         cache.k[i][:] = rng.standard_normal(cache.k[i].shape) * 3
         cache.v[i][:] = rng.standard_normal(cache.v[i].shape)
-    for start, T in [(0, 1), (0, 3), (6, 1), (7, K.SMALL_T), (S - 2, 2)]:
+    # few queries: the cache kernel; more than SMALL_T (prefill): BLAS + masked softmax
+    for start, T in [(0, 1), (0, 3), (6, 1), (7, K.SMALL_T), (S - 2, 2), (0, 12), (5, 16)]:
         q = (rng.standard_normal((H, T, d)) * 3).astype(np.float32)
         positions = np.arange(start, start + T)
         want, _ = ref.attend(q, cache, 1, positions, False)

@@ -606,6 +606,39 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, out):
                             out[kh * G + g, t, j] += p_ * val[j]
 
 
+@njit(parallel=True, fastmath=FAST, **JIT)
+def masked_softmax(scores, T, pos0, first, window, scale, cap):
+    """In place: ``softmax(scores * scale)`` over the keys each query may see, 0 elsewhere.
+
+    scores ``[G * T, S]`` = q k^T of the G query heads of one KV head (row ``g * T + t`` is
+    query ``t`` at position ``pos0 + t``; column ``s`` the key at ``first + s``). Causal, and
+    within ``window`` keys when > 0; ``cap`` > 0 soft-caps (Gemma 2). The prefill twin of the
+    masking and softmax in ``layers.attention``.
+    """
+    S = scores.shape[1]
+    for row in prange(scores.shape[0]):
+        p = pos0 + row % T
+        lo = 0 if window <= 0 else max(0, p - window + 1 - first)
+        hi = p - first + 1  # keys [lo, hi) are seen
+        x = scores[row]
+        m = f32(-np.inf)
+        for s in range(lo, hi):
+            v = x[s] * f32(scale)
+            if cap > 0:
+                v = f32(cap) * np.tanh(v / f32(cap))
+            x[s] = v
+            m = max(m, v)
+        total = f32(0)
+        for s in range(lo, hi):
+            e = np.exp(x[s] - m)
+            x[s] = e
+            total += e
+        for s in range(lo, hi):
+            x[s] = x[s] / total
+        x[:lo] = 0
+        x[hi:S] = 0
+
+
 # ---- threads ---------------------------------------------------------------------------------
 class Threads:
     """How many threads each kernel call gets, chosen by measuring.
@@ -732,8 +765,8 @@ class FastGemma(Gemma):
     decoded to float32 ahead of time.
     ``linear``: for up to ``SMALL_T`` tokens a matvec kernel decodes the weights in registers;
     for more (prefill), tiles of rows are decoded to float32 and multiplied with BLAS.
-    ``attend``: a kernel over the cache for up to ``SMALL_T`` queries; the reference otherwise
-    (prefill, whose attention is a large matrix product) and whenever probabilities are wanted.
+    ``attend``: a kernel over the cache for up to ``SMALL_T`` queries; for more, the products
+    on BLAS around an in-place masked softmax; the reference whenever probabilities are wanted.
     """
 
     def __init__(self, config, weights, tokenizer=None, quantize: str | None = None):
@@ -767,18 +800,16 @@ class FastGemma(Gemma):
             y = np.empty((T, rows), np.float32)  # [T, out]
             self.threads.run((w.kind, rows, cols, T), T * rows * cols, w.matvec, x, y)
             return y
-        # Decode the tiles on this thread alone: BLAS runs its own thread pool, and a Numba
-        # worker still spinning after its region would take a core from it.
-        self.threads.pick(None, 0)
         step = max(1, min(rows, TILE_ELEMS // cols))  # rows per decoded tile
         tile = self._tile_buffer(step * cols)[: step * cols].reshape(step, cols)
         if step == rows:  # one tile: the whole matrix
-            w.decode(0, rows, tile)
+            self.threads.run(("decode", w.kind, rows, cols), rows * cols, w.decode, 0, rows, tile)
             return x @ tile.T  # [T, in] @ [in, out] on BLAS
         y = np.empty((T, rows), np.float32)  # [T, out]
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            w.decode(r0, r1, tile[: r1 - r0])
+            self.threads.run(("decode", w.kind, step, cols), (r1 - r0) * cols, w.decode, r0, r1,
+                             tile[: r1 - r0])
             y[:, r0:r1] = x @ tile[: r1 - r0].T  # [T, in] @ [in, rows] on BLAS
         return y
 
@@ -789,13 +820,25 @@ class FastGemma(Gemma):
 
     def attend(self, q, cache: KVCache, i: int, positions, want_probs: bool):
         T = q.shape[1]
-        if want_probs or T > SMALL_T:
+        if want_probs:
             return super().attend(q, cache, i, positions, want_probs)
         c = self.config
         window = c.window(i) or 0
         pos0 = int(positions[0])
         first = 0 if not window else max(0, pos0 - window + 1)
         out = np.empty(q.shape, np.float32)  # [H, T, d]
+        if T > SMALL_T:  # prefill: q k^T and p v on BLAS, the masked softmax in place
+            H, _, d = q.shape
+            K = c.num_kv_heads
+            G, last = H // K, pos0 + T
+            for kh in range(K):
+                qg = q[kh * G:(kh + 1) * G].reshape(G * T, d)  # [G*T, d]
+                scores = qg @ cache.k[i][kh, first:last].T  # [G*T, S]
+                self.threads.run("softmax", scores.size, masked_softmax, scores, T, pos0,
+                                 first, window, float(c.attn_scale),
+                                 float(c.attn_logit_softcap or 0.0))
+                out[kh * G:(kh + 1) * G] = (scores @ cache.v[i][kh, first:last]).reshape(G, T, d)
+            return out, None
         work = 2 * q.size * (pos0 + T - first) if c.num_kv_heads > 1 else 0  # parallel over
         self.threads.run("attend", work, attend_cache,  # KV heads: MQA has one
                          np.ascontiguousarray(q, dtype=np.float32), cache.k[i], cache.v[i],
