@@ -3,6 +3,7 @@
     python benchmarks/engines.py ENGINE --model PATH --ids IDS.json --new-tokens N --repeats R
 
 ENGINE is ``tinygemma`` (the fast path), ``tinygemma-ref`` (the NumPy reference path),
+``tinygemma-int8`` (the fast path with ``quantize="int8"``: for bf16 checkpoints),
 ``transformers`` (float32 on CPU, sdpa attention, the same checkpoint; a GGUF is dequantised by
 transformers' GGUF loader) or ``llama.cpp`` (llama-cpp-python on the same GGUF, native
 quantised kernels). Every engine gets the same prompt token ids and decodes greedily with its
@@ -50,19 +51,19 @@ def timed_runs(prefill, step, ids, new_tokens, repeats):
     return float(np.median(pre)), float(np.median(dec)), out
 
 
-def run_tinygemma(path, ids, new_tokens, repeats, fast, threads):
+def run_tinygemma(path, ids, new_tokens, repeats, fast, threads, quantize=None):
     if threads:
         os.environ["TINYGEMMA_THREADS"] = str(threads)  # at most this many, like the others
     import tinygemma as tg
     t0 = time.perf_counter()
-    model = tg.load(path, fast=fast)
+    model = tg.load(path, fast=fast, quantize=quantize)
     load_s = time.perf_counter() - t0
     from tinygemma.bench import bench
     r = bench(model, len(ids), new_tokens, repeats, ids=ids)
     return {"prefill_s": r["prefill_s"], "decode_s": r["decode_s"], "load_s": load_s,
             "generated": r["generated"], "weight_bytes": r["weight_bytes"],
             "decode_bytes": r["decode_bytes"],
-            "detail": f"fast={fast}, numba {__import__('numba').__version__}"}
+            "detail": f"fast={fast}, quantize={quantize}, numba {__import__('numba').__version__}"}
 
 
 def run_transformers(path, ids, new_tokens, repeats, threads, dtype="float32"):
@@ -91,13 +92,13 @@ def run_transformers(path, ids, new_tokens, repeats, threads, dtype="float32"):
     def prefill(x):
         out = model(torch.tensor([x]), use_cache=True, logits_to_keep=1)
         state["past"] = out.past_key_values
-        return out.logits[0, -1].numpy()
+        return out.logits[0, -1].float().numpy()
 
     @torch.inference_mode()
     def step(token):
         out = model(torch.tensor([[token]]), past_key_values=state["past"], use_cache=True)
         state["past"] = out.past_key_values
-        return out.logits[0, -1].numpy()
+        return out.logits[0, -1].float().numpy()
 
     prefill(list(ids[:2]))
     step(int(ids[2]))  # warm-up
@@ -143,7 +144,8 @@ def run_llama_cpp(path, ids, new_tokens, repeats, threads):
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("engine", choices=["tinygemma", "tinygemma-ref", "transformers", "llama.cpp"])
+    p.add_argument("engine", choices=["tinygemma", "tinygemma-ref", "tinygemma-int8",
+                                      "transformers", "llama.cpp"])
     p.add_argument("--model", required=True)
     p.add_argument("--ids", required=True, help="JSON file with the prompt token ids")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -154,9 +156,9 @@ def main(argv=None):
     with open(a.ids) as f:
         ids = np.asarray(json.load(f), np.int64)
     try:
-        if a.engine in ("tinygemma", "tinygemma-ref"):
-            r = run_tinygemma(a.model, ids, a.new_tokens, a.repeats, a.engine == "tinygemma",
-                              a.threads)
+        if a.engine.startswith("tinygemma"):
+            r = run_tinygemma(a.model, ids, a.new_tokens, a.repeats, a.engine != "tinygemma-ref",
+                              a.threads, "int8" if a.engine == "tinygemma-int8" else None)
         elif a.engine == "transformers":
             r = run_transformers(a.model, ids, a.new_tokens, a.repeats, a.threads, a.tf_dtype)
         else:

@@ -31,7 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 NAMES = {"tinygemma": "tinygemma (fast)", "tinygemma-ref": "tinygemma (reference)",
-         "transformers": "transformers", "llama.cpp": "llama.cpp"}
+         "tinygemma-int8": "tinygemma (fast, int8)", "transformers": "transformers",
+         "llama.cpp": "llama.cpp"}
 
 
 def find_ref_python(given: str | None) -> str | None:
