@@ -802,14 +802,16 @@ class FastGemma(Gemma):
             return y
         step = max(1, min(rows, TILE_ELEMS // cols))  # rows per decoded tile
         tile = self._tile_buffer(step * cols)[: step * cols].reshape(step, cols)
+        # Numba on this thread alone: BLAS has its own threads, and they spin for a while
+        # after each product, so a parallel region here would wait for a core.
+        self.threads.pick(None, 0)
         if step == rows:  # one tile: the whole matrix
-            self.threads.run(("decode", w.kind, rows, cols), rows * cols, w.decode, 0, rows, tile)
+            w.decode(0, rows, tile)
             return x @ tile.T  # [T, in] @ [in, out] on BLAS
         y = np.empty((T, rows), np.float32)  # [T, out]
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            self.threads.run(("decode", w.kind, step, cols), (r1 - r0) * cols, w.decode, r0, r1,
-                             tile[: r1 - r0])
+            w.decode(r0, r1, tile[: r1 - r0])
             y[:, r0:r1] = x @ tile[: r1 - r0].T  # [T, in] @ [in, rows] on BLAS
         return y
 
@@ -831,12 +833,12 @@ class FastGemma(Gemma):
             H, _, d = q.shape
             K = c.num_kv_heads
             G, last = H // K, pos0 + T
+            self.threads.pick(None, 0)  # one thread, beside BLAS's (see linear)
             for kh in range(K):
                 qg = q[kh * G:(kh + 1) * G].reshape(G * T, d)  # [G*T, d]
                 scores = qg @ cache.k[i][kh, first:last].T  # [G*T, S]
-                self.threads.run("softmax", scores.size, masked_softmax, scores, T, pos0,
-                                 first, window, float(c.attn_scale),
-                                 float(c.attn_logit_softcap or 0.0))
+                masked_softmax(scores, T, pos0, first, window, float(c.attn_scale),
+                               float(c.attn_logit_softcap or 0.0))
                 out[kh * G:(kh + 1) * G] = (scores @ cache.v[i][kh, first:last]).reshape(G, T, d)
             return out, None
         work = 2 * q.size * (pos0 + T - first) if c.num_kv_heads > 1 else 0  # parallel over
