@@ -649,14 +649,15 @@ class Threads:
     then takes 10-20 ms, while one thread never waits. No setting is right for both, so each
     call site (each shape of weight matrix) keeps a running average of the time per
     multiply-add with one thread and with all of them, uses the faster, and re-tries the other
-    every ``EXPLORE`` calls but at most once every ``RETRY_S`` seconds. Calls with less than
+    every ``EXPLORE`` calls but not more often than every ``RETRY_S`` seconds (a gap that
+    grows while re-tries lose). Calls with less than
     ``PARALLEL_MIN`` multiply-adds always run on the calling thread (waking a worker costs
     more than it saves). ``limit`` (or the environment variable ``TINYGEMMA_THREADS``) caps
     the threads; the default is Numba's, one per core.
     """
 
     EXPLORE = 16
-    RETRY_S = 0.25
+    RETRY_S = (0.05, 1.0)  # shortest and longest time between two re-tries
 
     def __init__(self, limit: int | None = None):
         import numba
@@ -667,6 +668,7 @@ class Threads:
         # key -> [seconds per multiply-add with 1 thread, with all; calls]
         self._stats: dict = {}
         self._retried = 0.0  # when the slower choice was last re-tried (for any key)
+        self._gap = self.RETRY_S[0]  # time to wait before the next re-try
 
     def most(self) -> int:
         n = self._numba.config.NUMBA_NUM_THREADS
@@ -693,12 +695,13 @@ class Threads:
             n = 1
         else:
             n = 1 if st[0] <= st[1] else most
-            # Re-try the slower choice now and then: every EXPLORE calls of this key, but not
-            # twice within RETRY_S seconds over all keys, so that while parallel regions stall
-            # the re-tries cost a few percent at most.
+            # Re-try the slower choice now and then: every EXPLORE calls of this key, and over
+            # all keys not before a gap that doubles (up to 1 s) while re-tries lose, so that
+            # while parallel regions stall the re-tries cost little, and comes back to 50 ms
+            # when one wins (BLAS threads spin for a while after a prefill, then stop).
             if st[2] % self.EXPLORE == 0:
                 now = time.monotonic()
-                if now - self._retried > self.RETRY_S:
+                if now - self._retried > self._gap:
                     n = most if n == 1 else 1
                     self._retried = now
         self._set(n)
@@ -714,7 +717,9 @@ class Threads:
             st[i] = rate if st[i] is None else 0.7 * st[i] + 0.3 * rate  # the choice in use
             return
         st[i] = rate  # a re-try of the other choice: its latest time
-        if rate < st[1 - i]:  # it won: the machine changed; let every key re-try it soon
+        won = rate < st[1 - i]
+        self._gap = self.RETRY_S[0] if won else min(self.RETRY_S[1], 2 * self._gap)
+        if won:  # the machine changed: let every key re-try this choice soon
             for other in self._stats.values():
                 if other is not st and other[i] is not None and other[1 - i] is not None \
                         and other[i] > other[1 - i]:
