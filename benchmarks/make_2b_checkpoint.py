@@ -60,7 +60,8 @@ def write_shard(path: str, tensors: list[tuple[str, tuple[int, ...]]], pool: np.
     header, offset = {}, 0
     for name, shape in tensors:
         nbytes = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": "BF16", "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()

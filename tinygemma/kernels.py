@@ -296,8 +296,10 @@ def matvec_q8_0(data, x, y):
                 b = 0
                 while b + 4 <= nb:
                     o = 34 * b
-                    d0, d1 = _half(data[r, o], data[r, o + 1]), _half(data[r, o + 34], data[r, o + 35])
-                    d2, d3 = _half(data[r, o + 68], data[r, o + 69]), _half(data[r, o + 102], data[r, o + 103])
+                    d0 = _half(data[r, o], data[r, o + 1])
+                    d1 = _half(data[r, o + 34], data[r, o + 35])
+                    d2 = _half(data[r, o + 68], data[r, o + 69])
+                    d3 = _half(data[r, o + 102], data[r, o + 103])
                     for j in range(32):
                         acc[j] += (d0 * f32(q[r, o + 2 + j])) * x[t, 32 * b + j]
                         acc[32 + j] += (d1 * f32(q[r, o + 36 + j])) * x[t, 32 * b + 32 + j]
