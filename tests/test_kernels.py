@@ -325,3 +325,13 @@ def test_bench_on_a_tiny_model():
     lines = table.splitlines()
     assert lines[0].startswith("| engine") and lines[2].startswith("| tiny")
     assert len({len(line) for line in lines}) == 1  # aligned columns
+
+
+def test_types_without_a_kernel_use_the_reference():
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (8, 110), dtype=np.uint8)  # Q3_K: 256 weights in 110 bytes
+    blocks[:, 108:110] = np.array([0.01], np.float16).view(np.uint8)
+    t = GGUFTensor(blocks, Q.Q3_K, (8, 256))
+    model = K.FastGemma(tiny_config(), Weights({"w": t}))
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    assert_close_products(model.linear(x, "w"), x, t.f32())

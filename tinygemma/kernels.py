@@ -785,11 +785,6 @@ class FastGemma(Gemma):
         self.packed: dict[str, Packed] = {}
         self._tile: np.ndarray | None = None
         self.threads = Threads()
-        for name, t in weights.tensors.items():
-            kind = getattr(t, "kind", "f32")
-            if len(t.shape) == 2 and kind not in FORMATS:
-                raise ValueError(f"tensor {name!r}: no fast kernel for weights of type {kind} "
-                                 f"(fast kernels: {', '.join(FORMATS)}); load with fast=False")
 
     def _packed(self, name: str) -> Packed:
         p = self.packed.get(name)
@@ -799,6 +794,8 @@ class FastGemma(Gemma):
         return p
 
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        if getattr(self.weights.tensors[name], "kind", "f32") not in FORMATS:
+            return super().linear(x, name)  # a type without a kernel (Q3_K, ...): the reference
         w = self._packed(name)
         rows, cols = w.shape
         x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
