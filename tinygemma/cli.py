@@ -159,10 +159,11 @@ def run_generate(model, ids, args) -> list[int]:
         print(decoder.push(token), end="", flush=True)
     print(decoder.flush(), flush=True)
     if t_first:
-        t_end = time.perf_counter()
-        rate = (len(new) - 1) / (t_end - t_first) if len(new) > 1 else float("nan")
-        print(f"[{len(ids)} prompt tokens in {t_first - t0:.2f} s; {len(new)} new tokens, "
-              f"{rate:.1f} tokens/s]", file=sys.stderr, flush=True)
+        # The first new token comes with the prompt (prefill); the rest are decode steps.
+        decode_s = time.perf_counter() - t_first
+        rate = f", {(len(new) - 1) / decode_s:.1f} tokens/s" if len(new) > 1 else ""
+        print(f"[{len(ids)} prompt tokens in {t_first - t0:.2f} s; {len(new)} new tokens{rate}]",
+              file=sys.stderr, flush=True)
     return new
 
 
