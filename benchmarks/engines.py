@@ -24,7 +24,10 @@ import numpy as np
 
 
 def peak_rss() -> int:
-    """Peak RSS of this process image: VmHWM (ru_maxrss would carry the parent's over exec)."""
+    """Peak RSS of this process image: VmHWM (ru_maxrss would carry the parent's over exec).
+
+    Kept apart from tinygemma.bench.peak_rss_bytes: this script also runs in the transformers
+    and llama.cpp environments, where tinygemma may not be installed."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
