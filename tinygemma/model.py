@@ -99,10 +99,14 @@ class Gemma:
     def _forward(self, ids, cache, last_only, tape):
         c, W = self.config, self.weights
         positions = np.arange(cache.pos, cache.pos + len(ids))  # [T]
+        # RoPE angles once per forward for each (base, scale) in use: local and global layers
+        bases = {(c.rope_base(i), c.rope_scale(i)) for i in range(c.num_layers)}
+        angles = {b: L.rope_angles(positions, c.head_dim, *b) for b in bases}  # [T, d] cos, sin
         x = L.embed(W.table("embed"), ids)  # [T, D]
         keep(tape, "embed", x)
         for i in range(c.num_layers):
-            x = self._block(i, x, positions, cache, tape)  # [T, D]
+            rope = angles[(c.rope_base(i), c.rope_scale(i))]
+            x = self._block(i, x, positions, rope, cache, tape)  # [T, D]
         cache.pos += len(ids)
         if last_only:
             x = x[-1:]  # [1, D]: the LM head only where logits are needed
@@ -113,10 +117,10 @@ class Gemma:
             logits = L.softcap(logits, c.final_logit_softcap)  # [T, V] (Gemma 2)
         return keep(tape, "logits", logits)
 
-    def _block(self, i, x, positions, cache, tape):
+    def _block(self, i, x, positions, rope, cache, tape):
         c, W, p = self.config, self.weights, f"layers.{i}."
         h = keep(tape, p + "attn_norm", L.rms_norm(x, W[p + "attn_norm"], c.rms_norm_eps))
-        h = keep(tape, p + "attn_out", self._attention(i, h, positions, cache, tape))
+        h = keep(tape, p + "attn_out", self._attention(i, h, positions, rope, cache, tape))
         if c.sandwich_norms:
             h = keep(tape, p + "post_attn_norm", L.rms_norm(h, W[p + "post_attn_norm"], c.rms_norm_eps))
         x = keep(tape, p + "resid_attn", x + h)  # [T, D]
@@ -126,7 +130,7 @@ class Gemma:
             h = keep(tape, p + "post_mlp_norm", L.rms_norm(h, W[p + "post_mlp_norm"], c.rms_norm_eps))
         return keep(tape, p + "resid_mlp", x + h)  # [T, D]
 
-    def _attention(self, i, x, positions, cache, tape):
+    def _attention(self, i, x, positions, rope, cache, tape):
         c, W, p = self.config, self.weights, f"layers.{i}."
         T, H, K, d = len(x), c.num_heads, c.num_kv_heads, c.head_dim
         q = self.linear(x, p + "q").reshape(T, H, d).transpose(1, 0, 2)  # [H, T, d]
@@ -135,7 +139,7 @@ class Gemma:
         if c.qk_norm:  # Gemma 3: RMSNorm over head_dim, before RoPE
             q = L.rms_norm(q, W[p + "q_norm"], c.rms_norm_eps)  # [H, T, d]
             k = L.rms_norm(k, W[p + "k_norm"], c.rms_norm_eps)  # [K, T, d]
-        cos, sin = L.rope_angles(positions, d, c.rope_base(i), c.rope_scale(i))  # [T, d]
+        cos, sin = rope  # [T, d]: this layer's RoPE base (Gemma 3: local or global)
         q, k = L.rope(q, cos, sin), L.rope(k, cos, sin)  # [H, T, d], [K, T, d]
         keep(tape, p + "q", q), keep(tape, p + "k", k), keep(tape, p + "v", v)
         start, end = positions[0], positions[-1] + 1
