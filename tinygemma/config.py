@@ -200,7 +200,6 @@ GEMMA_2B = GemmaConfig(family=1, vocab_size=256_000, hidden_size=2048, intermedi
                        num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256)
 GEMMA_7B = GemmaConfig(family=1, vocab_size=256_000, hidden_size=3072, intermediate_size=24_576,
                        num_layers=28, num_heads=16, num_kv_heads=16, head_dim=256)
-PRESETS = {"gemma-2b": GEMMA_2B, "gemma-7b": GEMMA_7B}
 
 
 def count_parameters(c: GemmaConfig) -> dict[str, int]:
@@ -214,5 +213,5 @@ def count_parameters(c: GemmaConfig) -> dict[str, int]:
     return out
 
 
-__all__ = ["GemmaConfig", "GEMMA_2B", "GEMMA_7B", "PRESETS", "FULL", "SLIDING",
+__all__ = ["GemmaConfig", "GEMMA_2B", "GEMMA_7B", "FULL", "SLIDING",
            "count_parameters"]
