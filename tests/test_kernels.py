@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numba import njit
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
@@ -141,7 +142,9 @@ def test_fast_linear_every_T(kind, T, monkeypatch):
 # ---- attention over the cache ---------------------------------------------------------------
 @pytest.mark.parametrize("H, Kv", [(4, 1), (4, 2), (2, 2)], ids=["MQA", "GQA", "MHA"])
 @pytest.mark.parametrize("window, cap", [(None, None), (5, None), (None, 50.0), (1, 30.0)])
-def test_attend_kernel_equals_reference(H, Kv, window, cap):
+@pytest.mark.parametrize("block", [5, K.QUERY_BLOCK])
+def test_attend_kernel_equals_reference(H, Kv, window, cap, block, monkeypatch):
+    monkeypatch.setattr(K, "QUERY_BLOCK", block)  # prefill: several blocks of queries
     rng = np.random.default_rng(H * 7 + Kv)
     d, S = 16, 24
     cfg = tiny_config(num_heads=H, num_kv_heads=Kv, head_dim=d, attn_logit_softcap=cap,
@@ -153,13 +156,44 @@ def test_attend_kernel_equals_reference(H, Kv, window, cap):
         cache.k[i][:] = rng.standard_normal(cache.k[i].shape) * 3
         cache.v[i][:] = rng.standard_normal(cache.v[i].shape)
     # few queries: the cache kernel; more than SMALL_T (prefill): BLAS + masked softmax
-    for start, T in [(0, 1), (0, 3), (6, 1), (7, K.SMALL_T), (S - 2, 2), (0, 12), (5, 16)]:
+    for start, T in [(0, 1), (0, 3), (6, 1), (7, K.SMALL_T), (S - 2, 2), (0, 12), (5, 16), (0, S),
+                     (3, 21)]:
         q = (rng.standard_normal((H, T, d)) * 3).astype(np.float32)
         positions = np.arange(start, start + T)
         want, _ = ref.attend(q, cache, 1, positions, False)
         got, probs = fast.attend(q, cache, 1, positions, False)
         assert probs is None
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_attend_cache_splits_queries_over_threads(threads):
+    """Each part of a group's queries (one per thread) gives the same output as one part."""
+    rng = np.random.default_rng(threads)
+    q = rng.standard_normal((4, 3, 16)).astype(np.float32)  # [H, T, d]: MQA, 12 queries
+    k, v = (rng.standard_normal((1, 20, 16)).astype(np.float32) for _ in range(2))
+    want, got = np.empty_like(q), np.empty_like(q)
+    K.attend_cache(q, k, v, 10, 2, 0, 0.25, 0.0, 1, want)
+    K.attend_cache(q, k, v, 10, 2, 0, 0.25, 0.0, threads, got)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_exp_kernel_within_two_ulp():
+    """``kernels._exp`` (the softmax's vectorised exp) against float64 ``exp``, x <= 0."""
+    x = -np.concatenate([np.linspace(0, 87.3, 200_001), [1e-30, 1e-7, 0.5, 87.33]])
+    x = x.astype(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    ulps = np.abs(exp_all(x) - exact) / np.spacing(exact.astype(np.float32))
+    assert ulps.max() <= 2, ulps.max()
+    assert exp_all(np.array([-88, -1e4, -np.inf], np.float32)).tolist() == [0, 0, 0]
+
+
+@njit(cache=True)
+def exp_all(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = K._exp(x[i])
+    return out
 
 
 # ---- whole models ---------------------------------------------------------------------------

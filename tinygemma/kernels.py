@@ -59,6 +59,7 @@ f32 = np.float32
 SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, decoded tiles and BLAS
 TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3 cache
 PARALLEL_MIN = 1 << 18  # weights (x tokens) below which a matvec runs on one thread
+QUERY_BLOCK = 128  # prefill attention: queries per block (see FastGemma._attend_blocks)
 
 
 # ---- bit casts LLVM does in one instruction --------------------------------------------------
@@ -95,6 +96,40 @@ def _bf16(typingctx, u):
         bits = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
         return builder.bitcast(bits, ir.FloatType())
     return sig, codegen
+
+
+@intrinsic
+def _pow2(typingctx, n):
+    """``2**n`` as float32 for an integer ``n`` in [-126, 127]: exponent bits ``(n + 127) << 23``."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.shl(builder.add(args[0], ir.Constant(i32, 127)), ir.Constant(i32, 23))
+        return builder.bitcast(bits, ir.FloatType())
+    return sig, codegen
+
+
+@njit(inline="always", fastmath=FAST)
+def _exp(x):
+    """``exp(x)`` for float32 ``x <= 0`` (softmax), within 1.3 ulp of the exact value.
+
+    ``np.exp`` in a Numba loop is a call to libm per element (this Numba has no SVML), 4 ns
+    each; this branch-free version vectorises (0.2 ns). Cephes' ``expf``: ``x = n ln2 + r``
+    with ``|r| <= ln2 / 2``, a degree-6 polynomial for ``exp(r)``, and ``2**n`` built from
+    bits. Below -87.3 the result would be subnormal; it is 0."""
+    if x < f32(-87.33654):
+        return f32(0)
+    n = np.floor(x * f32(1.44269504) + f32(0.5))  # round(x / ln2)
+    r = x - n * f32(0.693359375) + n * f32(2.12194440e-4)  # x - n ln2, ln2 in two parts
+    p = f32(1.9875691500e-4)
+    p = p * r + f32(1.3981999507e-3)
+    p = p * r + f32(8.3334519073e-3)
+    p = p * r + f32(4.1665795894e-2)
+    p = p * r + f32(1.6666665459e-1)
+    p = p * r + f32(5.0000001201e-1)
+    p = p * r * r + r + f32(1)  # exp(r)
+    return p * _pow2(np.int32(n))
 
 
 @intrinsic
@@ -574,60 +609,70 @@ def stored_bytes(tensor) -> np.ndarray:
 
 
 # ---- attention over the KV cache -------------------------------------------------------------
+@njit(inline="always", fastmath=FAST)
+def _softmax_span(x, lo, hi, scale, cap):
+    """In place: ``x[lo:hi] = softmax(x[lo:hi] * scale)``, soft-capped when ``cap`` > 0 (Gemma
+    2), and 0 outside ``[lo, hi)`` (the keys a query may not see). Separate loops, so that each
+    vectorises."""
+    if cap > 0:
+        for s in range(lo, hi):
+            x[s] = f32(cap) * np.tanh(x[s] * f32(scale) / f32(cap))
+    else:
+        for s in range(lo, hi):
+            x[s] = x[s] * f32(scale)
+    m = f32(-np.inf)
+    for s in range(lo, hi):
+        m = max(m, x[s])
+    total = f32(0)
+    for s in range(lo, hi):
+        x[s] = _exp(x[s] - m)
+        total += x[s]
+    for s in range(lo, hi):
+        x[s] = x[s] / total
+    x[:lo] = 0
+    x[hi:] = 0
+
+
 @njit(parallel=True, fastmath=FAST, **JIT)
-def attend_cache(q, k, v, pos0, first, window, scale, cap, out):
+def attend_cache(q, k, v, pos0, first, window, scale, cap, threads, out):
     """``softmax(q k^T * scale) v`` for queries at positions ``pos0 + t`` over cached keys.
 
     q ``[H, T, d]``; k, v ``[K, S, d]`` (the whole cache of one layer); out ``[H, T, d]``.
     Query ``t`` sees keys ``first <= s <= pos0 + t`` and, with a ``window`` > 0, only
-    ``s > pos0 + t - window``. ``cap`` > 0 soft-caps the scores (Gemma 2). The ``G = H / K``
-    query heads of a group are handled together: each key and value row is read once for all
-    of them (multi-query attention reads one KV head for every query head).
+    ``s > pos0 + t - window``. ``cap`` > 0 soft-caps the scores (Gemma 2). The ``G * T``
+    queries of a KV head's group are handled together: each key and value row is read once for
+    all of them (multi-query attention reads one KV head for every query head). With fewer KV
+    heads than ``threads`` (MQA has one), each group's queries are split in parts for the
+    threads, and each part reads the group's keys and values once.
     """
     H, T, d = q.shape
     K = k.shape[0]
     G = H // K
-    last = pos0 + T  # keys [first, last)
-    S = last - first
-    for kh in prange(K):
-        scores = np.empty((G * T, S), np.float32)
-        for s in range(S):  # q . k for every query of the group, key row s read once
+    S = pos0 + T - first  # keys [first, pos0 + T)
+    parts = max(1, min(G * T, threads // K))  # parts per group
+    for task in prange(K * parts):
+        kh, part = task // parts, task % parts
+        i0, i1 = part * G * T // parts, (part + 1) * G * T // parts  # queries i = g * T + t
+        scores = np.empty((i1 - i0, S), np.float32)
+        for s in range(S):  # q . k for every query of the part, key row s read once
             key = k[kh, first + s]
-            for g in range(G):
-                for t in range(T):
-                    acc = f32(0)
-                    for j in range(d):
-                        acc += q[kh * G + g, t, j] * key[j]
-                    scores[g * T + t, s] = acc * f32(scale)
-        for g in range(G):
-            for t in range(T):
-                row = scores[g * T + t]
-                p = pos0 + t
-                lo = first if window <= 0 else max(first, p - window + 1)
-                m = f32(-np.inf)
-                for s in range(S):
-                    key_pos = first + s
-                    if key_pos < lo or key_pos > p:
-                        row[s] = -np.inf
-                    else:
-                        if cap > 0:
-                            row[s] = f32(cap) * np.tanh(row[s] / f32(cap))
-                        m = max(m, row[s])
-                total = f32(0)
-                for s in range(S):
-                    row[s] = np.exp(row[s] - m)
-                    total += row[s]
-                for s in range(S):
-                    row[s] = row[s] / total
-                out[kh * G + g, t, :] = 0
-        for s in range(S):  # probs . v, value row s read once for the group
+            for i in range(i0, i1):
+                acc = f32(0)
+                for j in range(d):
+                    acc += q[kh * G + i // T, i % T, j] * key[j]
+                scores[i - i0, s] = acc
+        for i in range(i0, i1):
+            p = pos0 + i % T
+            lo = first if window <= 0 else max(first, p - window + 1)
+            _softmax_span(scores[i - i0], lo - first, p - first + 1, scale, cap)
+            out[kh * G + i // T, i % T, :] = 0
+        for s in range(S):  # probs . v, value row s read once for the part
             val = v[kh, first + s]
-            for g in range(G):
-                for t in range(T):
-                    p_ = scores[g * T + t, s]
-                    if p_ != 0:
-                        for j in range(d):
-                            out[kh * G + g, t, j] += p_ * val[j]
+            for i in range(i0, i1):
+                p_ = scores[i - i0, s]
+                if p_ != 0:
+                    for j in range(d):
+                        out[kh * G + i // T, i % T, j] += p_ * val[j]
 
 
 @njit(parallel=True, fastmath=FAST, **JIT)
@@ -639,28 +684,10 @@ def masked_softmax(scores, T, pos0, first, window, scale, cap):
     within ``window`` keys when > 0; ``cap`` > 0 soft-caps (Gemma 2). The prefill twin of the
     masking and softmax in ``layers.attention``.
     """
-    S = scores.shape[1]
     for row in prange(scores.shape[0]):
         p = pos0 + row % T
         lo = 0 if window <= 0 else max(0, p - window + 1 - first)
-        hi = p - first + 1  # keys [lo, hi) are seen
-        x = scores[row]
-        m = f32(-np.inf)
-        for s in range(lo, hi):
-            v = x[s] * f32(scale)
-            if cap > 0:
-                v = f32(cap) * np.tanh(v / f32(cap))
-            x[s] = v
-            m = max(m, v)
-        total = f32(0)
-        for s in range(lo, hi):
-            e = np.exp(x[s] - m)
-            x[s] = e
-            total += e
-        for s in range(lo, hi):
-            x[s] = x[s] / total
-        x[:lo] = 0
-        x[hi:S] = 0
+        _softmax_span(scores[row], lo, p - first + 1, scale, cap)  # keys [lo, p] are seen
 
 
 # ---- threads ---------------------------------------------------------------------------------
@@ -846,6 +873,31 @@ class FastGemma(Gemma):
             self._tile = np.empty(max(n, TILE_ELEMS), np.float32)
         return self._tile
 
+    def _attend_blocks(self, q, k, v, pos0, window, out):
+        """Prefill attention: q k^T and p v on BLAS, a block of queries at a time.
+
+        Queries ``[t0, t1)`` see keys up to position ``pos0 + t1 - 1`` and, on local layers,
+        none before ``pos0 + t0 - window + 1``: each block multiplies only by those keys
+        (about half of a causal square for 500 tokens, a band for long prompts on local
+        layers) and ``masked_softmax`` zeroes the rest of its rows.
+        """
+        c = self.config
+        H, T, d = q.shape
+        K = c.num_kv_heads
+        G = H // K
+        scale, cap = float(c.attn_scale), float(c.attn_logit_softcap or 0.0)
+        self.threads.pick(None, 0)  # one thread, beside BLAS's (see linear)
+        for t0 in range(0, T, QUERY_BLOCK):
+            t1 = min(T, t0 + QUERY_BLOCK)
+            lo = 0 if not window else max(0, pos0 + t0 - window + 1)  # first key of the block
+            hi = pos0 + t1  # keys [lo, hi)
+            for kh in range(K):
+                qg = q[kh * G:(kh + 1) * G, t0:t1].reshape(G * (t1 - t0), d)  # [G*B, d]
+                scores = qg @ k[kh, lo:hi].T  # [G*B, S_b]
+                masked_softmax(scores, t1 - t0, pos0 + t0, lo, window, scale, cap)
+                pv = scores @ v[kh, lo:hi]  # [G*B, d]
+                out[kh * G:(kh + 1) * G, t0:t1] = pv.reshape(G, t1 - t0, d)
+
     def attend(self, q, cache: KVCache, i: int, positions, want_probs: bool):
         T = q.shape[1]
         if want_probs:
@@ -855,23 +907,14 @@ class FastGemma(Gemma):
         pos0 = int(positions[0])
         first = 0 if not window else max(0, pos0 - window + 1)
         out = np.empty(q.shape, np.float32)  # [H, T, d]
-        if T > SMALL_T:  # prefill: q k^T and p v on BLAS, the masked softmax in place
-            H, _, d = q.shape
-            K = c.num_kv_heads
-            G, last = H // K, pos0 + T
-            self.threads.pick(None, 0)  # one thread, beside BLAS's (see linear)
-            for kh in range(K):
-                qg = q[kh * G:(kh + 1) * G].reshape(G * T, d)  # [G*T, d]
-                scores = qg @ cache.k[i][kh, first:last].T  # [G*T, S]
-                masked_softmax(scores, T, pos0, first, window, float(c.attn_scale),
-                               float(c.attn_logit_softcap or 0.0))
-                out[kh * G:(kh + 1) * G] = (scores @ cache.v[i][kh, first:last]).reshape(G, T, d)
+        if T > SMALL_T:
+            self._attend_blocks(q, cache.k[i], cache.v[i], pos0, window, out)
             return out, None
-        work = 2 * q.size * (pos0 + T - first) if c.num_kv_heads > 1 else 0  # parallel over
-        self.threads.run("attend", work, attend_cache,  # KV heads: MQA has one
+        work = 2 * q.size * (pos0 + T - first)  # multiply-adds
+        self.threads.run("attend", work, attend_cache,
                          np.ascontiguousarray(q, dtype=np.float32), cache.k[i], cache.v[i],
                          pos0, first, window, float(c.attn_scale),
-                         float(c.attn_logit_softcap or 0.0), out)
+                         float(c.attn_logit_softcap or 0.0), self.threads.most(), out)
         return out, None
 
 
