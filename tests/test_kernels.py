@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from tinygemma import kernels as K
+from tinygemma import layers as L
 from tinygemma.checkpoints.gguf_file import GGUFTensor
 from tinygemma.checkpoints.weights import BF16Tensor, F16Tensor, Tensor, Weights
 from tinygemma.config import GemmaConfig
@@ -186,6 +187,25 @@ def test_exp_kernel_within_two_ulp():
     ulps = np.abs(exp_all(x) - exact) / np.spacing(exact.astype(np.float32))
     assert ulps.max() <= 2, ulps.max()
     assert exp_all(np.array([-88, -1e4, -np.inf], np.float32)).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("shape", [(1, 640), (7, 33), (2, 3, 16)])
+def test_norm_and_geglu_kernels_equal_layers(shape):
+    """``FastGemma.norm`` / ``.geglu`` (Numba) against ``layers.rms_norm`` / ``layers.geglu``,
+    over the GELU's whole range: large negative and positive gates, where tanh saturates."""
+    rng = np.random.default_rng(len(shape))
+    cfg = tiny_config(hidden_size=shape[-1])
+    w = (rng.standard_normal(shape[-1]) * 0.5).astype(np.float32)
+    fast = K.FastGemma(cfg, Weights({"n": Tensor(w)}))
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    np.testing.assert_allclose(fast.norm(x, "n"), L.rms_norm(x, w, cfg.rms_norm_eps),
+                               rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(fast.norm(x[..., ::-1], "n"),  # not contiguous
+                               L.rms_norm(x[..., ::-1], w, cfg.rms_norm_eps), rtol=2e-6, atol=2e-6)
+    gate = np.concatenate([x.reshape(-1) * 3, [-60, -12, -1e-6, 0, 1e-6, 12, 60]])[None]
+    up = rng.standard_normal(gate.shape).astype(np.float32)
+    gate = gate.astype(np.float32)
+    np.testing.assert_allclose(fast.geglu(gate, up), L.geglu(gate, up), rtol=1e-6, atol=1e-6)
 
 
 @njit(cache=True)

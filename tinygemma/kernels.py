@@ -53,13 +53,15 @@ from .model import Gemma, KVCache
 # additions (results move by rounding, far inside the test tolerance). No 'nnan'/'ninf': the
 # attention mask uses -inf.
 FAST = {"reassoc", "contract", "nsz", "arcp"}
-JIT = dict(cache=True, nogil=True)
+# error_model="numpy": no check for division by zero, which would stop a loop vectorising.
+JIT = dict(cache=True, nogil=True, error_model="numpy")
 f32 = np.float32
 
 SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, decoded tiles and BLAS
 TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3 cache
 PARALLEL_MIN = 1 << 18  # weights (x tokens) below which a matvec runs on one thread
 QUERY_BLOCK = 128  # prefill attention: queries per block (see FastGemma._attend_blocks)
+KEEP_F32_BYTES = 512 << 20  # prefill keeps the layers' matrices in float32 if all fit in this
 
 
 # ---- bit casts LLVM does in one instruction --------------------------------------------------
@@ -690,6 +692,40 @@ def masked_softmax(scores, T, pos0, first, window, scale, cap):
         _softmax_span(scores[row], lo, p - first + 1, scale, cap)  # keys [lo, p] are seen
 
 
+# ---- the elementwise layers (one thread: they run beside BLAS's threads in a prefill) ------
+@njit(fastmath=FAST, **JIT)
+def rms_norm_rows(x, scale, eps, out):
+    """``out = x / sqrt(mean(x^2) + eps) * scale`` per row of x ``[R, N]``; ``scale = 1 + w``.
+
+    ``layers.rms_norm`` in one pass per row instead of seven NumPy operations (10 us each for a
+    decoded token's vector)."""
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        ss = f32(0)
+        for j in range(n):
+            ss += x[r, j] * x[r, j]
+        inv = f32(1) / np.sqrt(ss / f32(n) + f32(eps))
+        for j in range(n):
+            out[r, j] = x[r, j] * inv * scale[j]
+
+
+@njit(fastmath=FAST, **JIT)
+def geglu_rows(gate, up, out):
+    """``out = gelu_tanh(gate) * up`` (``layers.geglu``), vectorised.
+
+    ``0.5 (1 + tanh z) = sigmoid(2z)``, so ``gelu_tanh(x) = x sigmoid(2z)`` with
+    ``z = sqrt(2/pi) (x + 0.044715 x^3)``; the sigmoid comes from ``e = exp(-2|z|)``, which
+    never overflows: ``1 / (1 + e)`` for ``z >= 0``, ``e / (1 + e)`` below."""
+    c = f32(np.sqrt(2.0 / np.pi))
+    for r in range(gate.shape[0]):
+        for j in range(gate.shape[1]):
+            x = gate[r, j]
+            z = c * (x + f32(0.044715) * x * x * x)
+            e = _exp(f32(-2) * abs(z))
+            s = (f32(1) if z >= 0 else e) / (f32(1) + e)
+            out[r, j] = x * s * up[r, j]
+
+
 # ---- threads ---------------------------------------------------------------------------------
 class Threads:
     """How many threads each kernel call gets, chosen by measuring.
@@ -825,7 +861,8 @@ class FastGemma(Gemma):
     on BLAS around an in-place masked softmax; the reference whenever probabilities are wanted.
     """
 
-    def __init__(self, config, weights, tokenizer=None, quantize: str | None = None):
+    def __init__(self, config, weights, tokenizer=None, quantize: str | None = None,
+                 keep_f32_bytes: int = KEEP_F32_BYTES):
         super().__init__(config, weights, tokenizer)
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -834,6 +871,14 @@ class FastGemma(Gemma):
         self.packed: dict[str, Packed] = {}
         self._tile: np.ndarray | None = None
         self.threads = Threads()
+        self._norm_scale: dict[str, np.ndarray] = {}
+        # Prefill multiplies by float32 matrices. Decoding them costs ~10% of a prefill, so a
+        # small model (all its layers' matrices within keep_f32_bytes in float32: the demo's
+        # take 0.4 GB) keeps them decoded; a large one decodes tiles at every prefill instead,
+        # so that its memory stays the compact weights.
+        f32_bytes = sum(4 * t.shape[0] * t.shape[1] for n, t in weights.tensors.items()
+                        if n.startswith("layers.") and len(t.shape) == 2)
+        self._f32: dict[str, np.ndarray] | None = {} if f32_bytes <= keep_f32_bytes else None
 
     def _packed(self, name: str) -> Packed:
         p = self.packed.get(name)
@@ -853,11 +898,16 @@ class FastGemma(Gemma):
             y = np.empty((T, rows), np.float32)  # [T, out]
             self.threads.run((w.kind, rows, cols, T), T * rows * cols, w.matvec, x, y)
             return y
-        step = max(1, min(rows, TILE_ELEMS // cols))  # rows per decoded tile
-        tile = self._tile_buffer(step * cols)[: step * cols].reshape(step, cols)
         # Numba on this thread alone: BLAS has its own threads, and they spin for a while
         # after each product, so a parallel region here would wait for a core.
         self.threads.pick(None, 0)
+        if self._f32 is not None and name.startswith("layers."):
+            if name not in self._f32:
+                self._f32[name] = np.empty((rows, cols), np.float32)
+                w.decode(0, rows, self._f32[name])
+            return x @ self._f32[name].T  # [T, in] @ [in, out] on BLAS
+        step = max(1, min(rows, TILE_ELEMS // cols))  # rows per decoded tile
+        tile = self._tile_buffer(step * cols)[: step * cols].reshape(step, cols)
         if step == rows:  # one tile: the whole matrix
             w.decode(0, rows, tile)
             return x @ tile.T  # [T, in] @ [in, out] on BLAS
@@ -867,6 +917,21 @@ class FastGemma(Gemma):
             w.decode(r0, r1, tile[: r1 - r0])
             y[:, r0:r1] = x @ tile[: r1 - r0].T  # [T, in] @ [in, rows] on BLAS
         return y
+
+    def norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        scale = self._norm_scale.get(name)
+        if scale is None:  # 1 + w, once per weight
+            scale = self._norm_scale[name] = f32(1) + self.weights[name].astype(f32)
+        x = np.ascontiguousarray(x, dtype=np.float32)  # [..., N]
+        out = np.empty_like(x)
+        rms_norm_rows(x.reshape(-1, x.shape[-1]), scale, float(self.config.rms_norm_eps),
+                      out.reshape(-1, x.shape[-1]))
+        return out
+
+    def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        out = np.empty(gate.shape, np.float32)  # [T, F]
+        geglu_rows(gate, up, out)
+        return out
 
     def _tile_buffer(self, n):
         if self._tile is None or self._tile.size < n:

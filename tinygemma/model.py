@@ -10,8 +10,9 @@ Gemma 2 and 3 add the "sandwich" norms on each sub-layer's output::
     h = x + rms_norm(attn(rms_norm(x)))
     x = h + rms_norm(mlp(rms_norm(h)))
 
-Every projection goes through :meth:`Gemma.linear` and the cached attention through
-:meth:`Gemma.attend`: the fast path (``kernels.py``) overrides those two and nothing else.
+Every projection goes through :meth:`Gemma.linear`, the cached attention through
+:meth:`Gemma.attend`, every RMSNorm through :meth:`Gemma.norm` and the MLP's gate through
+:meth:`Gemma.geglu`: the fast path (``kernels.py``) overrides those four and nothing else.
 Shape legend as in ``layers.py``.
 """
 
@@ -110,7 +111,7 @@ class Gemma:
         cache.pos += len(ids)
         if last_only:
             x = x[-1:]  # [1, D]: the LM head only where logits are needed
-        x = L.rms_norm(x, W["final_norm"], c.rms_norm_eps)  # [T, D]
+        x = self.norm(x, "final_norm")  # [T, D]
         keep(tape, "final_norm", x)
         logits = self.linear(x, "embed" if c.tie_word_embeddings else "lm_head")  # [T, V]: x E^T
         if c.final_logit_softcap:
@@ -118,27 +119,27 @@ class Gemma:
         return keep(tape, "logits", logits)
 
     def _block(self, i, x, positions, rope, cache, tape):
-        c, W, p = self.config, self.weights, f"layers.{i}."
-        h = keep(tape, p + "attn_norm", L.rms_norm(x, W[p + "attn_norm"], c.rms_norm_eps))
+        c, p = self.config, f"layers.{i}."
+        h = keep(tape, p + "attn_norm", self.norm(x, p + "attn_norm"))
         h = keep(tape, p + "attn_out", self._attention(i, h, positions, rope, cache, tape))
         if c.sandwich_norms:
-            h = keep(tape, p + "post_attn_norm", L.rms_norm(h, W[p + "post_attn_norm"], c.rms_norm_eps))
+            h = keep(tape, p + "post_attn_norm", self.norm(h, p + "post_attn_norm"))
         x = keep(tape, p + "resid_attn", x + h)  # [T, D]
-        h = keep(tape, p + "mlp_norm", L.rms_norm(x, W[p + "mlp_norm"], c.rms_norm_eps))
+        h = keep(tape, p + "mlp_norm", self.norm(x, p + "mlp_norm"))
         h = keep(tape, p + "mlp_out", self._mlp(i, h, tape))
         if c.sandwich_norms:
-            h = keep(tape, p + "post_mlp_norm", L.rms_norm(h, W[p + "post_mlp_norm"], c.rms_norm_eps))
+            h = keep(tape, p + "post_mlp_norm", self.norm(h, p + "post_mlp_norm"))
         return keep(tape, p + "resid_mlp", x + h)  # [T, D]
 
     def _attention(self, i, x, positions, rope, cache, tape):
-        c, W, p = self.config, self.weights, f"layers.{i}."
+        c, p = self.config, f"layers.{i}."
         T, H, K, d = len(x), c.num_heads, c.num_kv_heads, c.head_dim
         q = self.linear(x, p + "q").reshape(T, H, d).transpose(1, 0, 2)  # [H, T, d]
         k = self.linear(x, p + "k").reshape(T, K, d).transpose(1, 0, 2)  # [K, T, d]
         v = self.linear(x, p + "v").reshape(T, K, d).transpose(1, 0, 2)  # [K, T, d]
         if c.qk_norm:  # Gemma 3: RMSNorm over head_dim, before RoPE
-            q = L.rms_norm(q, W[p + "q_norm"], c.rms_norm_eps)  # [H, T, d]
-            k = L.rms_norm(k, W[p + "k_norm"], c.rms_norm_eps)  # [K, T, d]
+            q = self.norm(q, p + "q_norm")  # [H, T, d]
+            k = self.norm(k, p + "k_norm")  # [K, T, d]
         cos, sin = rope  # [T, d]: this layer's RoPE base (Gemma 3: local or global)
         q, k = L.rope(q, cos, sin), L.rope(k, cos, sin)  # [H, T, d], [K, T, d]
         keep(tape, p + "q", q), keep(tape, p + "k", k), keep(tape, p + "v", v)
@@ -152,12 +153,20 @@ class Gemma:
         p = f"layers.{i}."
         gate = keep(tape, p + "gate", self.linear(x, p + "gate"))  # [T, D] -> [T, F]
         up = keep(tape, p + "up", self.linear(x, p + "up"))  # [T, D] -> [T, F]
-        return self.linear(L.geglu(gate, up), p + "down")  # [T, F] -> [T, D]
+        return self.linear(self.geglu(gate, up), p + "down")  # [T, F] -> [T, D]
 
-    # ---- the two operations the fast path replaces -----------------------------------------
+    # ---- the four operations the fast path replaces ----------------------------------------
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
         """``x W^T`` with the weight decoded to float32."""
         return L.linear(x, self.weights[name])
+
+    def norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        """RMSNorm over the last axis with the weight ``name``."""
+        return L.rms_norm(x, self.weights[name], self.config.rms_norm_eps)
+
+    def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """The MLP's gate, ``gelu_tanh(gate) * up``."""
+        return L.geglu(gate, up)
 
     def attend(self, q, cache: KVCache, i: int, positions, want_probs: bool):
         """Attention of the new queries over the cache (the last W keys on local layers)."""
