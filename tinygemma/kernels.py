@@ -39,11 +39,10 @@ Block layouts (from ggml; ``d``, ``dmin`` are float16 scales)::
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, prange, types
+from numba import carray, config as numba_config, njit, prange, set_num_threads, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -59,7 +58,6 @@ f32 = np.float32
 
 SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, decoded tiles and BLAS
 TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3 cache
-PARALLEL_MIN = 1 << 18  # weights (x tokens) below which a matvec runs on one thread
 QUERY_BLOCK = 128  # prefill attention: queries per block (see FastGemma._attend_blocks)
 KEEP_F32_BYTES = 512 << 20  # prefill keeps the layers' matrices in float32 if all fit in this
 
@@ -726,103 +724,6 @@ def geglu_rows(gate, up, out):
             out[r, j] = x * s * up[r, j]
 
 
-# ---- threads ---------------------------------------------------------------------------------
-class Threads:
-    """How many threads each kernel call gets, chosen by measuring.
-
-    A parallel region ends when its slowest thread does. On an idle machine two threads run a
-    large matvec in half the time; but when other processes hold the cores, a worker thread
-    can wait a scheduler time slice (milliseconds) before it runs, and a 50-microsecond matvec
-    then takes 10-20 ms, while one thread never waits. No setting is right for both, so each
-    call site (each shape of weight matrix) keeps a running average of the time per
-    multiply-add with one thread and with all of them, uses the faster, and re-tries the other
-    every ``EXPLORE`` calls but not more often than every ``RETRY_S`` seconds (a gap that
-    grows while re-tries lose). Calls with less than
-    ``PARALLEL_MIN`` multiply-adds always run on the calling thread (waking a worker costs
-    more than it saves). ``limit`` (or the environment variable ``TINYGEMMA_THREADS``) caps
-    the threads; the default is Numba's, one per core.
-    """
-
-    EXPLORE = 16
-    RETRY_S = (0.05, 1.0)  # shortest and longest time between two re-tries
-
-    def __init__(self, limit: int | None = None):
-        import numba
-        self._numba = numba
-        env = os.environ.get("TINYGEMMA_THREADS")
-        self.limit = limit if limit is not None else (int(env) if env else None)
-        self._current = numba.get_num_threads()
-        # key -> [seconds per multiply-add with 1 thread, with all; calls]
-        self._stats: dict = {}
-        self._retried = 0.0  # when the slower choice was last re-tried (for any key)
-        self._gap = self.RETRY_S[0]  # time to wait before the next re-try
-
-    def most(self) -> int:
-        n = self._numba.config.NUMBA_NUM_THREADS
-        return max(1, min(n, self.limit or n))
-
-    def _set(self, n: int) -> None:
-        if n != self._current:
-            self._numba.set_num_threads(n)
-            self._current = n
-
-    def pick(self, key, work: int) -> int:
-        """Threads for a call of ``work`` multiply-adds at call site ``key`` (and set them)."""
-        most = self.most()
-        if work < PARALLEL_MIN or most == 1:
-            self._set(1)
-            return 1
-        st = self._stats.get(key)
-        if st is None:
-            st = self._stats[key] = [None, None, 0]
-        st[2] += 1
-        if st[1] is None:
-            n = most
-        elif st[0] is None:
-            n = 1
-        else:
-            n = 1 if st[0] <= st[1] else most
-            # Re-try the slower choice now and then: every EXPLORE calls of this key, and over
-            # all keys not before a gap that doubles (up to 1 s) while re-tries lose, so that
-            # while parallel regions stall the re-tries cost little, and comes back to 50 ms
-            # when one wins (BLAS threads spin for a while after a prefill, then stop).
-            if st[2] % self.EXPLORE == 0:
-                now = time.monotonic()
-                if now - self._retried > self._gap:
-                    n = most if n == 1 else 1
-                    self._retried = now
-        self._set(n)
-        return n
-
-    def record(self, key, n: int, work: int, seconds: float) -> None:
-        st = self._stats.get(key)
-        if st is None or work <= 0:
-            return
-        i = 0 if n == 1 else 1
-        rate = seconds / work
-        if st[i] is None or st[1 - i] is None or st[i] <= st[1 - i]:
-            st[i] = rate if st[i] is None else 0.7 * st[i] + 0.3 * rate  # the choice in use
-            return
-        st[i] = rate  # a re-try of the other choice: its latest time
-        won = rate < st[1 - i]
-        self._gap = self.RETRY_S[0] if won else min(self.RETRY_S[1], 2 * self._gap)
-        if won:  # the machine changed: let every key re-try this choice soon
-            for other in self._stats.values():
-                if other is not st and other[i] is not None and other[1 - i] is not None \
-                        and other[i] > other[1 - i]:
-                    other[i] = None
-
-    def run(self, key, work: int, kernel, *args) -> None:
-        """``kernel(*args)`` with the threads chosen for ``key``, timed for the next choice."""
-        n = self.pick(key, work)
-        if n == 1 and work < PARALLEL_MIN:
-            kernel(*args)
-            return
-        t0 = time.perf_counter()
-        kernel(*args)
-        self.record(key, n, work, time.perf_counter() - t0)
-
-
 # ---- the fast model ---------------------------------------------------------------------------
 def tune_malloc() -> None:
     """Keep NumPy's temporaries up to 32 MB on the heap (glibc ``mallopt``), once per process.
@@ -850,15 +751,19 @@ _MALLOC_TUNED = False
 
 
 class FastGemma(Gemma):
-    """:class:`Gemma` with the projections and the cached attention in Numba kernels.
+    """:class:`Gemma` with the projections, the cached attention, the norms and the GeGLU in
+    Numba kernels.
 
     Weights stay compact: bf16, float16 and Q8_0 are read as stored (memory-mapped), sub-byte
-    GGUF types are unpacked to int8 + scales when first used (:class:`Packed`); nothing is
-    decoded to float32 ahead of time.
+    GGUF types are unpacked to int8 + scales when first used (:class:`Packed`).
     ``linear``: for up to ``SMALL_T`` tokens a matvec kernel decodes the weights in registers;
-    for more (prefill), tiles of rows are decoded to float32 and multiplied with BLAS.
+    for more (prefill), float32 matrices are multiplied with BLAS: kept decoded when all the
+    layers' fit in ``keep_f32_bytes``, else decoded a tile of rows at a time.
     ``attend``: a kernel over the cache for up to ``SMALL_T`` queries; for more, the products
     on BLAS around an in-place masked softmax; the reference whenever probabilities are wanted.
+    ``norm``, ``geglu``: one pass each instead of several NumPy operations.
+    Kernels for decoded tokens run on all cores (``TINYGEMMA_THREADS`` caps them); in a
+    prefill, Numba runs on the calling thread beside BLAS's threads.
     """
 
     def __init__(self, config, weights, tokenizer=None, quantize: str | None = None,
@@ -870,7 +775,10 @@ class FastGemma(Gemma):
         tune_malloc()
         self.packed: dict[str, Packed] = {}
         self._tile: np.ndarray | None = None
-        self.threads = Threads()
+        most = numba_config.NUMBA_NUM_THREADS  # one per core unless NUMBA_NUM_THREADS says otherwise
+        env = os.environ.get("TINYGEMMA_THREADS")  # a cap, as llama.cpp's n_threads
+        self.threads = max(1, min(int(env), most)) if env else most
+        self._numba_threads = 0  # what numba.set_num_threads was last given
         self._norm_scale: dict[str, np.ndarray] = {}
         # Prefill multiplies by float32 matrices. Decoding them costs ~10% of a prefill, so a
         # small model (all its layers' matrices within keep_f32_bytes in float32: the demo's
@@ -883,7 +791,7 @@ class FastGemma(Gemma):
     def _packed(self, name: str) -> Packed:
         p = self.packed.get(name)
         if p is None:
-            self.threads.pick(None, 0)  # unpacking: once, on this thread
+            self._use_threads(1)  # unpacking: once, on this thread (see linear)
             p = self.packed[name] = Packed(self.weights.tensors[name], self.quantize)
         return p
 
@@ -896,11 +804,12 @@ class FastGemma(Gemma):
         T = x.shape[0]
         if T <= SMALL_T:
             y = np.empty((T, rows), np.float32)  # [T, out]
-            self.threads.run((w.kind, rows, cols, T), T * rows * cols, w.matvec, x, y)
+            self._use_threads(self.threads)
+            w.matvec(x, y)
             return y
         # Numba on this thread alone: BLAS has its own threads, and they spin for a while
         # after each product, so a parallel region here would wait for a core.
-        self.threads.pick(None, 0)
+        self._use_threads(1)
         if self._f32 is not None and name.startswith("layers."):
             if name not in self._f32:
                 self._f32[name] = np.empty((rows, cols), np.float32)
@@ -933,6 +842,13 @@ class FastGemma(Gemma):
         geglu_rows(gate, up, out)
         return out
 
+    def _use_threads(self, n: int) -> None:
+        """Numba's threads for the next kernels: all (``self.threads``) for a decoded token,
+        one beside BLAS's in a prefill."""
+        if n != self._numba_threads:
+            set_num_threads(n)
+            self._numba_threads = n
+
     def _tile_buffer(self, n):
         if self._tile is None or self._tile.size < n:
             self._tile = np.empty(max(n, TILE_ELEMS), np.float32)
@@ -951,7 +867,7 @@ class FastGemma(Gemma):
         K = c.num_kv_heads
         G = H // K
         scale, cap = float(c.attn_scale), float(c.attn_logit_softcap or 0.0)
-        self.threads.pick(None, 0)  # one thread, beside BLAS's (see linear)
+        self._use_threads(1)  # one thread, beside BLAS's (see linear)
         for t0 in range(0, T, QUERY_BLOCK):
             t1 = min(T, t0 + QUERY_BLOCK)
             lo = 0 if not window else max(0, pos0 + t0 - window + 1)  # first key of the block
@@ -975,12 +891,11 @@ class FastGemma(Gemma):
         if T > SMALL_T:
             self._attend_blocks(q, cache.k[i], cache.v[i], pos0, window, out)
             return out, None
-        work = 2 * q.size * (pos0 + T - first)  # multiply-adds
-        self.threads.run("attend", work, attend_cache,
-                         np.ascontiguousarray(q, dtype=np.float32), cache.k[i], cache.v[i],
-                         pos0, first, window, float(c.attn_scale),
-                         float(c.attn_logit_softcap or 0.0), self.threads.most(), out)
+        self._use_threads(self.threads)
+        attend_cache(np.ascontiguousarray(q, dtype=np.float32), cache.k[i], cache.v[i], pos0,
+                     first, window, float(c.attn_scale), float(c.attn_logit_softcap or 0.0),
+                     self.threads, out)
         return out, None
 
 
-__all__ = ["FastGemma", "FORMATS", "Packed", "Threads", "attend_cache", "stored_bytes"]
+__all__ = ["FastGemma", "FORMATS", "Packed", "attend_cache", "stored_bytes"]
