@@ -241,7 +241,8 @@ def tiny_weights(c: GemmaConfig, kind, seed=0) -> dict[str, Tensor]:
 
 @pytest.mark.parametrize("family", [1, 2, 3])
 @pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_K, Q.Q6_K, "bf16", "f32"], ids=kind_id)
-def test_tiny_model_fast_equals_reference(family, kind):
+@pytest.mark.parametrize("keep", [K.KEEP_F32_BYTES, 0], ids=["keep_f32", "tiles"])
+def test_tiny_model_fast_equals_reference(family, kind, keep):
     per = BLOCK[kind][0] if isinstance(kind, Q) else 32
     extra = {1: dict(family=1, sandwich_norms=False, qk_norm=False, sliding_window=None,
                      layer_types=(), num_kv_heads=4, query_pre_attn_scalar=None),
@@ -251,11 +252,12 @@ def test_tiny_model_fast_equals_reference(family, kind):
                     head_dim=per // 4 if per > 32 else 32,
                     **extra)
     tensors = tiny_weights(c, kind, seed=family)
-    ref, fast = Gemma(c, Weights(tensors)), K.FastGemma(c, Weights(tensors))
+    ref, fast = Gemma(c, Weights(tensors)), K.FastGemma(c, Weights(tensors), keep_f32_bytes=keep)
+    assert (fast._f32 is None) == (keep == 0)  # prefill: float32 matrices kept, or tiles
     ids = np.random.default_rng(family).integers(0, c.vocab_size, 12)
     want = ref.forward(ids)
     scale = float(np.abs(want).max())
-    assert np.abs(fast.forward(ids) - want).max() <= 1e-4 * scale  # prefill: tiles + BLAS
+    assert np.abs(fast.forward(ids) - want).max() <= 1e-4 * scale  # prefill on BLAS
     cache = fast.new_cache(len(ids))  # decode: matvec and the attention kernel, token by token
     fast.forward(ids[:3], cache=cache)
     for j in range(3, len(ids)):

@@ -19,8 +19,9 @@ def load(path: str | os.PathLike, cache_bytes: int | None = None, fast: bool = T
     (:class:`tinygemma.kernels.FastGemma`), which reads the compact weights directly;
     ``fast=False`` the pure NumPy reference, which decodes matrices to float32 as the forward
     pass needs them and keeps them decoded while their total stays under ``cache_bytes``
-    (default 2 GB for the reference; 64 MB for the fast path, which decodes no matrix ahead
-    of time and so keeps only the norms: Gemma 7B bf16 runs in 24 GB).
+    (default 2 GB for the reference; 64 MB for the fast path, which keeps only the norms there:
+    its prefill keeps float32 matrices itself only for a small model whose layers' matrices all
+    fit in ``kernels.KEEP_F32_BYTES``, the demo's 0.4 GB; Gemma 7B bf16 runs in 24 GB).
     ``quantize="int8"`` (fast path only) quantises bf16/f16/f32 matrices to int8 per group of
     32 weights when first used: about half the bytes of bf16 to read per token, at a small cost
     in accuracy (docs/performance.md).
