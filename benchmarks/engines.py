@@ -20,7 +20,10 @@ import resource
 import sys
 import time
 
-import numpy as np
+if len(sys.argv) > 1 and sys.argv[1].startswith("tinygemma"):
+    import tinygemma  # noqa: F401  before NumPy, as the tinygemma command does (OpenBLAS spin)
+
+import numpy as np  # noqa: E402
 
 
 def peak_rss() -> int:
