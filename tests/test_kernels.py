@@ -391,3 +391,12 @@ def test_types_without_a_kernel_use_the_reference():
     model = K.FastGemma(tiny_config(), Weights({"w": t}))
     x = rng.standard_normal((2, 256)).astype(np.float32)
     assert_close_products(model.linear(x, "w"), x, t.f32())
+
+
+def test_threads_env(monkeypatch):
+    """TINYGEMMA_THREADS caps the kernels' threads; anything but a number is refused clearly."""
+    monkeypatch.setenv("TINYGEMMA_THREADS", "1")
+    assert K.FastGemma(tiny_config(), Weights({})).threads == 1
+    monkeypatch.setenv("TINYGEMMA_THREADS", "two")
+    with pytest.raises(ValueError, match="TINYGEMMA_THREADS"):
+        K.FastGemma(tiny_config(), Weights({}))

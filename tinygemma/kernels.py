@@ -42,7 +42,8 @@ import os
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, config as numba_config, njit, prange, set_num_threads, types
+from numba import (carray, config as numba_config, get_num_threads, njit, prange,
+                   set_num_threads, types)
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -777,9 +778,10 @@ class FastGemma(Gemma):
         self.packed: dict[str, Packed] = {}
         self._tile: np.ndarray | None = None
         most = numba_config.NUMBA_NUM_THREADS  # one per core unless NUMBA_NUM_THREADS says otherwise
-        env = os.environ.get("TINYGEMMA_THREADS")  # a cap, as llama.cpp's n_threads
+        env = os.environ.get("TINYGEMMA_THREADS", "")  # a cap, as llama.cpp's n_threads
+        if env and not env.isdigit():
+            raise ValueError(f"TINYGEMMA_THREADS must be a number of threads, got {env!r}")
         self.threads = max(1, min(int(env), most)) if env else most
-        self._numba_threads = 0  # what numba.set_num_threads was last given
         self._norm_scale: dict[str, np.ndarray] = {}
         # Prefill multiplies by float32 matrices. Decoding them costs ~10% of a prefill, so a
         # small model (all its layers' matrices within keep_f32_bytes in float32: the demo's
@@ -846,9 +848,8 @@ class FastGemma(Gemma):
     def _use_threads(self, n: int) -> None:
         """Numba's threads for the next kernels: all (``self.threads``) for a decoded token,
         one beside BLAS's in a prefill."""
-        if n != self._numba_threads:
+        if n != get_num_threads():
             set_num_threads(n)
-            self._numba_threads = n
 
     def _tile_buffer(self, n):
         if self._tile is None or self._tile.size < n:
