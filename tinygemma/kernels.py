@@ -162,6 +162,10 @@ def _lanes():
 # ``[rows, n / G]`` such that ``w = scale * q - shift`` is bit for bit the float32 weight of
 # ``gguf.quants.dequantize`` (the same float32 operations in the same order). Q8_0 is already
 # one byte per weight and is read as stored. No fastmath here.
+#
+# These, the decoders below and ``masked_softmax`` are serial: they run in a prefill, beside
+# BLAS's threads, which spin for a while after each matrix product; a parallel region would
+# wait for a core (a softmax took 8 ms instead of 2). Only the decode kernels are parallel.
 
 @njit(inline="always")
 def _k_scale_min(data, r, o, i):
@@ -174,10 +178,10 @@ def _k_scale_min(data, r, o, i):
     return np.int32(sc), np.int32(mn)
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def unpack_q5_0(data, q, scale, shift):
     """Q5_0: ``w = d * (q - 16)``; q's low 4 bits in nibbles, the 5th in a 32-bit mask."""
-    for r in prange(data.shape[0]):
+    for r in range(data.shape[0]):
         for b in range(data.shape[1] // 22):
             o = 22 * b
             scale[r, b] = _half(data[r, o], data[r, o + 1])
@@ -190,10 +194,10 @@ def unpack_q5_0(data, q, scale, shift):
                 q[r, 32 * b + 16 + j] = hi - 16
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def unpack_q4_0(data, q, scale, shift):
     """Q4_0: ``w = d * (q - 8)``; weights j and j + 16 share a byte."""
-    for r in prange(data.shape[0]):
+    for r in range(data.shape[0]):
         for b in range(data.shape[1] // 18):
             o = 18 * b
             scale[r, b] = _half(data[r, o], data[r, o + 1])
@@ -202,10 +206,10 @@ def unpack_q4_0(data, q, scale, shift):
                 q[r, 32 * b + 16 + j] = np.int32(data[r, o + 2 + j] >> 4) - 8
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def unpack_q4_k(data, q, scale, shift):
     """Q4_K: ``w = (d * sc) * q - dmin * m`` per sub-block of 32; nibbles, low then high."""
-    for r in prange(data.shape[0]):
+    for r in range(data.shape[0]):
         for b in range(data.shape[1] // 144):
             o = 144 * b
             d, dmin = _half(data[r, o], data[r, o + 1]), _half(data[r, o + 2], data[r, o + 3])
@@ -217,10 +221,10 @@ def unpack_q4_k(data, q, scale, shift):
                     q[r, 256 * b + 32 * i + j] = (data[r, qs + j] >> (4 * (i % 2))) & 15
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def unpack_q5_k(data, q, scale, shift):
     """Q5_K: as Q4_K with a 5th bit per weight from 32 bytes of high bits."""
-    for r in prange(data.shape[0]):
+    for r in range(data.shape[0]):
         for b in range(data.shape[1] // 176):
             o = 176 * b
             d, dmin = _half(data[r, o], data[r, o + 1]), _half(data[r, o + 2], data[r, o + 3])
@@ -233,11 +237,11 @@ def unpack_q5_k(data, q, scale, shift):
                                                   | (np.int32((data[r, o + 16 + j] >> i) & 1) << 4))
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def unpack_q6_k(data, q, scale, shift):
     """Q6_K: ``w = (d * scale) * (q - 32)`` per group of 16; 4 low bits + 2 high bits."""
     sc8 = data.view(np.int8)
-    for r in prange(data.shape[0]):
+    for r in range(data.shape[0]):
         for b in range(data.shape[1] // 210):
             o = 210 * b
             d = _half(data[r, o + 208], data[r, o + 209])
@@ -266,11 +270,11 @@ def _dequant_group(q, scale, shift, has_shift, r, g, G, out, i):
             out[i, G * g + j] = s * f32(q[r, G * g + j])
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def decode_int8(q, scale, shift, has_shift, r0, r1, out):
     """``w = scale * q - shift`` from unpacked weights (groups of ``n / scale.shape[1]``)."""
     G = q.shape[1] // scale.shape[1]
-    for r in prange(r0, r1):
+    for r in range(r0, r1):
         for g in range(scale.shape[1]):
             if G == 32:  # constant group sizes: the inner loops vectorise
                 _dequant_group(q, scale, shift, has_shift, r, g, 32, out, r - r0)
@@ -280,11 +284,11 @@ def decode_int8(q, scale, shift, has_shift, r0, r1, out):
                 _dequant_group(q, scale, shift, has_shift, r, g, G, out, r - r0)
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def decode_q8_0(data, r0, r1, out):
     """Q8_0 as stored: ``w = d * q``, 32 int8 after each float16 d."""
     q = data.view(np.int8)
-    for r in prange(r0, r1):
+    for r in range(r0, r1):
         for b in range(data.shape[1] // 34):
             o = 34 * b
             d = _half(data[r, o], data[r, o + 1])
@@ -292,38 +296,38 @@ def decode_q8_0(data, r0, r1, out):
                 out[r - r0, 32 * b + j] = d * f32(q[r, o + 2 + j])
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def decode_bf16(data, r0, r1, out):
     w = data.view(np.uint16)
-    for r in prange(r0, r1):
+    for r in range(r0, r1):
         for j in range(w.shape[1]):
             out[r - r0, j] = _bf16(w[r, j])
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def decode_f16(data, r0, r1, out):
     w = data.view(np.uint16)
-    for r in prange(r0, r1):
+    for r in range(r0, r1):
         for j in range(w.shape[1]):
             out[r - r0, j] = _half16(w[r, j])
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def decode_f32(data, r0, r1, out):
     w = data.view(np.float32)
-    for r in prange(r0, r1):
+    for r in range(r0, r1):
         for j in range(w.shape[1]):
             out[r - r0, j] = w[r, j]
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def quantize_int8_g32(w, q, scale, r0):
     """Rows of float32 ``w`` -> int8 ``q[r0 + i]`` and scales per group of 32 (``quantize="int8"``).
 
     ``scale = max|w| / 127`` over the group, ``q = round(w / scale)``: the Q8_0 scheme with a
     float32 scale; afterwards the model computes with exactly ``scale * q``.
     """
-    for i in prange(w.shape[0]):
+    for i in range(w.shape[0]):
         for g in range(w.shape[1] // 32):
             m = f32(0)
             for j in range(32 * g, 32 * g + 32):
@@ -676,7 +680,7 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, threads, out):
                         out[kh * G + i // T, i % T, j] += p_ * val[j]
 
 
-@njit(parallel=True, fastmath=FAST, **JIT)
+@njit(fastmath=FAST, **JIT)
 def masked_softmax(scores, T, pos0, first, window, scale, cap):
     """In place: ``softmax(scores * scale)`` over the keys each query may see, 0 elsewhere.
 
@@ -685,13 +689,13 @@ def masked_softmax(scores, T, pos0, first, window, scale, cap):
     within ``window`` keys when > 0; ``cap`` > 0 soft-caps (Gemma 2). The prefill twin of the
     masking and softmax in ``layers.attention``.
     """
-    for row in prange(scores.shape[0]):
+    for row in range(scores.shape[0]):
         p = pos0 + row % T
         lo = 0 if window <= 0 else max(0, p - window + 1 - first)
         _softmax_span(scores[row], lo, p - first + 1, scale, cap)  # keys [lo, p] are seen
 
 
-# ---- the elementwise layers (one thread: they run beside BLAS's threads in a prefill) ------
+# ---- the elementwise layers (serial: in a prefill they run beside BLAS's threads) ---------
 @njit(fastmath=FAST, **JIT)
 def rms_norm_rows(x, scale, eps, out):
     """``out = x / sqrt(mean(x^2) + eps) * scale`` per row of x ``[R, N]``; ``scale = 1 + w``.
@@ -782,6 +786,8 @@ class FastGemma(Gemma):
         if env and not env.isdigit():
             raise ValueError(f"TINYGEMMA_THREADS must be a number of threads, got {env!r}")
         self.threads = max(1, min(int(env), most)) if env else most
+        if get_num_threads() != self.threads:
+            set_num_threads(self.threads)  # Numba's setting is per calling thread: this one
         self._norm_scale: dict[str, np.ndarray] = {}
         # Prefill multiplies by float32 matrices. Decoding them costs ~10% of a prefill, so a
         # small model (all its layers' matrices within keep_f32_bytes in float32: the demo's
@@ -794,7 +800,6 @@ class FastGemma(Gemma):
     def _packed(self, name: str) -> Packed:
         p = self.packed.get(name)
         if p is None:
-            self._use_threads(1)  # unpacking: once, on this thread (see linear)
             p = self.packed[name] = Packed(self.weights.tensors[name], self.quantize)
         return p
 
@@ -807,12 +812,8 @@ class FastGemma(Gemma):
         T = x.shape[0]
         if T <= SMALL_T:
             y = np.empty((T, rows), np.float32)  # [T, out]
-            self._use_threads(self.threads)
             w.matvec(x, y)
             return y
-        # Numba on this thread alone: BLAS has its own threads, and they spin for a while
-        # after each product, so a parallel region here would wait for a core.
-        self._use_threads(1)
         if self._f32 is not None and name.startswith("layers."):
             if name not in self._f32:
                 self._f32[name] = np.empty((rows, cols), np.float32)
@@ -845,12 +846,6 @@ class FastGemma(Gemma):
         geglu_rows(gate, up, out)
         return out
 
-    def _use_threads(self, n: int) -> None:
-        """Numba's threads for the next kernels: all (``self.threads``) for a decoded token,
-        one beside BLAS's in a prefill."""
-        if n != get_num_threads():
-            set_num_threads(n)
-
     def _tile_buffer(self, n):
         if self._tile is None or self._tile.size < n:
             self._tile = np.empty(max(n, TILE_ELEMS), np.float32)
@@ -869,7 +864,6 @@ class FastGemma(Gemma):
         K = c.num_kv_heads
         G = H // K
         scale, cap = float(c.attn_scale), float(c.attn_logit_softcap or 0.0)
-        self._use_threads(1)  # one thread, beside BLAS's (see linear)
         for t0 in range(0, T, QUERY_BLOCK):
             t1 = min(T, t0 + QUERY_BLOCK)
             lo = 0 if not window else max(0, pos0 + t0 - window + 1)  # first key of the block
@@ -893,7 +887,6 @@ class FastGemma(Gemma):
         if T > SMALL_T:
             self._attend_blocks(q, cache.k[i], cache.v[i], pos0, window, out)
             return out, None
-        self._use_threads(self.threads)
         attend_cache(np.ascontiguousarray(q, dtype=np.float32), cache.k[i], cache.v[i], pos0,
                      first, window, float(c.attn_scale), float(c.attn_logit_softcap or 0.0),
                      self.threads, out)
