@@ -16,13 +16,16 @@ So the kernels read compact weights and decode them in registers, inside the dot
   lets LLVM vectorise the sums).
 * ``unpack_*``, ``decode_*``: exact, no fastmath; decoded rows are bit for bit
   ``gguf.quants.dequantize``. Prefill multiplies many tokens at once, so there the weights are
-  decoded a tile of rows at a time and multiplied with BLAS (``x @ tile.T``).
+  float32 matrices multiplied with BLAS: kept decoded for a small model, else decoded a tile
+  of rows at a time (``x @ tile.T``).
 * ``attend_cache``: attention of a few new queries over the KV cache, multi-query aware: the
   keys and values of a shared KV head are read once for all the query heads of its group.
+  In a prefill, ``masked_softmax`` between two BLAS products, with a vectorised ``_exp``.
+* ``rms_norm_rows``, ``geglu_rows``: RMSNorm and the GeGLU gate in one pass each.
 
-:class:`FastGemma` overrides only :meth:`Gemma.linear` and :meth:`Gemma.attend`; the forward
-pass itself stays the readable one in ``model.py``. Every kernel is tested equal to its NumPy
-twin (``tests/test_kernels.py``).
+:class:`FastGemma` overrides only :meth:`Gemma.linear`, :meth:`Gemma.attend`,
+:meth:`Gemma.norm` and :meth:`Gemma.geglu`; the forward pass itself stays the readable one in
+``model.py``. Every kernel is tested equal to its NumPy twin (``tests/test_kernels.py``).
 
 Block layouts (from ggml; ``d``, ``dmin`` are float16 scales)::
 
