@@ -48,7 +48,7 @@ from llvmlite import ir
 from numba import (carray, config as numba_config, get_num_threads, njit, prange,
                    set_num_threads, types)
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .model import Gemma, KVCache
 
@@ -114,6 +114,17 @@ def _pow2(typingctx, n):
     return sig, codegen
 
 
+def _as_f32(v):
+    """A panel's scale as float32: float16 bits (uint16) exactly, float32 as it is."""
+
+
+@overload(_as_f32)
+def _as_f32_impl(v):
+    if v == types.uint16:
+        return lambda v: _half16(v)
+    return lambda v: f32(v)
+
+
 @njit(inline="always", fastmath=FAST)
 def _exp(x):
     """``exp(x)`` for float32 ``x <= 0`` (softmax), within 1.3 ulp of the exact value.
@@ -160,11 +171,11 @@ def _lanes():
 # ---- unpacking: GGUF blocks -> one signed byte per weight + float32 scales, exactly -----------
 # Sub-byte formats (5-, 4- and 6-bit weights) cost several integer instructions per weight to
 # unpack, so unpacking them inside the matvec would make decoding, not reading memory, the
-# bottleneck. They are unpacked once, when first used, to ``q`` int8 ``[rows, n]`` and, per
-# group of G weights, ``scale`` (and for the k-quants with a min, ``shift``) float32
-# ``[rows, n / G]`` such that ``w = scale * q - shift`` is bit for bit the float32 weight of
-# ``gguf.quants.dequantize`` (the same float32 operations in the same order). Q8_0 is already
-# one byte per weight and is read as stored. No fastmath here.
+# bottleneck. Every GGUF block type is unpacked once, when first used, to ``q`` int8
+# ``[rows, n]`` and, per group of G weights, ``scale`` (and for the k-quants with a min,
+# ``shift``) float32 ``[rows, n / G]`` such that ``w = scale * q - shift`` is bit for bit the
+# float32 weight of ``gguf.quants.dequantize`` (the same float32 operations in the same
+# order), a tile of rows at a time, then laid out in panels (see ``to_panels``). No fastmath.
 #
 # These, the decoders below and ``masked_softmax`` are serial: they run in a prefill, beside
 # BLAS's threads, which spin for a while after each matrix product; a parallel region would
@@ -179,6 +190,18 @@ def _k_scale_min(data, r, o, i):
     sc = (data[r, s + 4 + i] & 15) | ((data[r, s + i - 4] >> 2) & 0x30)
     mn = (data[r, s + 4 + i] >> 4) | ((data[r, s + i] >> 2) & 0x30)
     return np.int32(sc), np.int32(mn)
+
+
+@njit(**JIT)
+def unpack_q8_0(data, q, scale, shift):
+    """Q8_0: ``w = d * q``; already one byte per weight, only split from its scales."""
+    q8 = data.view(np.int8)
+    for r in range(data.shape[0]):
+        for b in range(data.shape[1] // 34):
+            o = 34 * b
+            scale[r, b] = _half(data[r, o], data[r, o + 1])
+            for j in range(32):
+                q[r, 32 * b + j] = q8[r, o + 2 + j]
 
 
 @njit(**JIT)
@@ -261,44 +284,6 @@ def unpack_q6_k(data, q, scale, shift):
 # ---- exact decoders to float32 (prefill tiles; the NumPy twin is gguf.quants.dequantize) -----
 # Each writes rows [r0, r1) of the matrix as float32 ``[r1 - r0, n]``. No fastmath.
 
-@njit(inline="always")
-def _dequant_group(q, scale, shift, has_shift, r, g, G, out, i):
-    s = scale[r, g]
-    if has_shift:
-        m = shift[r, g]
-        for j in range(G):
-            out[i, G * g + j] = s * f32(q[r, G * g + j]) - m
-    else:
-        for j in range(G):
-            out[i, G * g + j] = s * f32(q[r, G * g + j])
-
-
-@njit(**JIT)
-def decode_int8(q, scale, shift, has_shift, r0, r1, out):
-    """``w = scale * q - shift`` from unpacked weights (groups of ``n / scale.shape[1]``)."""
-    G = q.shape[1] // scale.shape[1]
-    for r in range(r0, r1):
-        for g in range(scale.shape[1]):
-            if G == 32:  # constant group sizes: the inner loops vectorise
-                _dequant_group(q, scale, shift, has_shift, r, g, 32, out, r - r0)
-            elif G == 16:
-                _dequant_group(q, scale, shift, has_shift, r, g, 16, out, r - r0)
-            else:
-                _dequant_group(q, scale, shift, has_shift, r, g, G, out, r - r0)
-
-
-@njit(**JIT)
-def decode_q8_0(data, r0, r1, out):
-    """Q8_0 as stored: ``w = d * q``, 32 int8 after each float16 d."""
-    q = data.view(np.int8)
-    for r in range(r0, r1):
-        for b in range(data.shape[1] // 34):
-            o = 34 * b
-            d = _half(data[r, o], data[r, o + 1])
-            for j in range(32):
-                out[r - r0, 32 * b + j] = d * f32(q[r, o + 2 + j])
-
-
 @njit(**JIT)
 def decode_bf16(data, r0, r1, out):
     w = data.view(np.uint16)
@@ -324,8 +309,8 @@ def decode_f32(data, r0, r1, out):
 
 
 @njit(**JIT)
-def quantize_int8_g32(w, q, scale, r0):
-    """Rows of float32 ``w`` -> int8 ``q[r0 + i]`` and scales per group of 32 (``quantize="int8"``).
+def quantize_int8_g32(w, q, scale):
+    """Rows of float32 ``w`` -> int8 ``q`` and scales per group of 32 (``quantize="int8"``).
 
     ``scale = max|w| / 127`` over the group, ``q = round(w / scale)``: the Q8_0 scheme with a
     float32 scale; afterwards the model computes with exactly ``scale * q``.
@@ -336,135 +321,137 @@ def quantize_int8_g32(w, q, scale, r0):
             for j in range(32 * g, 32 * g + 32):
                 m = max(m, abs(w[i, j]))
             s = m / f32(127)
-            scale[r0 + i, g] = s
+            scale[i, g] = s
             inv = f32(1) / s if s > 0 else f32(0)
             for j in range(32 * g, 32 * g + 32):
-                q[r0 + i, j] = np.int8(np.rint(w[i, j] * inv))
+                q[i, j] = np.int8(np.rint(w[i, j] * inv))
 
 
-# ---- matvec: y[t, r] = sum_j W[r, j] x[t, j], decoding W in registers ------------------------
-# Parallel over chunks of output rows. Each row's sum is split over the lanes of a small
-# float32 accumulator, four groups of weights at a time: independent chains that LLVM turns
-# into SIMD multiply-adds (the group sizes are constants, so the inner loops vectorise fully).
+# ---- panels: the layout the int8 matvec reads -----------------------------------------------
+# A decoded token multiplies each weight once, and on 2 cores the multiply costs as much as
+# the memory read, so the instructions per weight decide the speed. With rows stored one after
+# another, 16 weights of a row take four SIMD instructions (widen int8 to int32, convert to
+# float, times the scale, multiply-add with x), and each row ends with a sum across lanes.
+# A panel stores 16 rows side by side, column by column: ``q[p, c, l]`` is row ``16 p + l``,
+# column ``c``. One SIMD load then holds a column's weights for 16 rows, to multiply by a
+# single x value into 16 row sums: three instructions per 16 weights (widen, convert,
+# multiply-add with x broadcast), the scale applied once per group of G columns, no sum across
+# lanes. The kernel sums four groups at once (independent chains keep both multiply-add units
+# busy), so inside each span of four groups the columns are stored in the order the loop reads
+# them, column ``G k + j`` of the span at ``4 j + k``: the matvec reads memory front to back.
+# Scales that are float16 in the file (Q8_0, Q5_0, Q4_0) stay float16 (as uint16), 2 bytes.
+# Measured on the demo's LM head (Q8_0, 2 threads): 5.8 ms against 6.4 ms for the row-major
+# kernel, and 11.7 -> 6.3 ms on one thread (docs/performance.md).
+
+PANEL = 16  # rows per panel: a SIMD register of float32 (AVX-512), or two (AVX2)
+
+
+@njit(inline="always")
+def _group_at(b, G, nb):
+    """Where group ``b`` of a panel's ``nb`` groups of ``G`` columns is stored: its column
+    ``G b + j`` at ``start + step * j``."""
+    if b >= nb // 4 * 4:  # the groups after the last whole span of four: in order
+        return G * b, 1
+    return G * (b - b % 4) + b % 4, 4
+
+
+@njit(**JIT)
+def to_panels(q, scale, shift, has_shift, r0, qp, sp, hp):
+    """Rows ``r0 + i`` of unpacked ``q [rows, n]``, ``scale``, ``shift [rows, n / G]`` into
+    panels ``qp [P, n, 16]``, ``sp``, ``hp [P, n / G, 16]`` (``r0`` a multiple of 16)."""
+    n, nb = q.shape[1], scale.shape[1]
+    G = n // nb
+    for i in range(q.shape[0]):
+        p, lane = (r0 + i) // PANEL, (r0 + i) % PANEL
+        for b in range(nb):
+            start, step = _group_at(b, G, nb)
+            for j in range(G):
+                qp[p, start + step * j, lane] = q[i, G * b + j]
+            sp[p, b, lane] = scale[i, b]
+            if has_shift:
+                hp[p, b, lane] = shift[i, b]
+
+
+@njit(**JIT)
+def decode_panels(qp, sp, hp, has_shift, r0, r1, out):
+    """Rows ``[r0, r1)`` as float32: ``w = scale * q - shift``, bit for bit the unpacked weights."""
+    n, nb = qp.shape[1], sp.shape[1]
+    G = n // nb
+    for r in range(r0, r1):
+        p, lane = r // PANEL, r % PANEL
+        for b in range(nb):
+            start, step = _group_at(b, G, nb)
+            s = _as_f32(sp[p, b, lane])
+            m = hp[p, b, lane] if has_shift else f32(0)
+            for j in range(G):
+                out[r - r0, G * b + j] = s * f32(qp[p, start + step * j, lane]) - m
+
+
+@njit(inline="always", fastmath=FAST)
+def _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, G, acc):
+    """``acc[64:80]`` = the 16 rows of panel ``p`` times ``x[t]``; ``acc[:64]`` are four
+    groups' partial sums. ``G`` is a constant at each call, so the loops vectorise fully."""
+    nb = sp.shape[1]
+    acc[64:80] = 0
+    b = 0
+    while b + 4 <= nb:
+        acc[:64] = 0
+        o = G * b
+        for j in range(G):
+            x0, x1, x2, x3 = x[t, o + j], x[t, o + G + j], x[t, o + 2 * G + j], x[t, o + 3 * G + j]
+            c = o + 4 * j  # the four columns o + j, o + G + j, ... stored side by side
+            for lane in range(PANEL):
+                acc[lane] += f32(qp[p, c, lane]) * x0
+                acc[16 + lane] += f32(qp[p, c + 1, lane]) * x1
+                acc[32 + lane] += f32(qp[p, c + 2, lane]) * x2
+                acc[48 + lane] += f32(qp[p, c + 3, lane]) * x3
+        for lane in range(PANEL):
+            acc[64 + lane] += ((_as_f32(sp[p, b, lane]) * acc[lane]
+                                + _as_f32(sp[p, b + 1, lane]) * acc[16 + lane])
+                               + (_as_f32(sp[p, b + 2, lane]) * acc[32 + lane]
+                                  + _as_f32(sp[p, b + 3, lane]) * acc[48 + lane]))
+            if has_shift:  # sum_j (s q_j - m) x_j = s sum_j q_j x_j - m sum_j x_j
+                acc[64 + lane] -= ((hp[p, b, lane] * xs[t, b] + hp[p, b + 1, lane] * xs[t, b + 1])
+                                   + (hp[p, b + 2, lane] * xs[t, b + 2]
+                                      + hp[p, b + 3, lane] * xs[t, b + 3]))
+        b += 4
+    while b < nb:  # groups after the last span of four
+        acc[:16] = 0
+        for j in range(G * b, G * b + G):
+            for lane in range(PANEL):
+                acc[lane] += f32(qp[p, j, lane]) * x[t, j]
+        for lane in range(PANEL):
+            acc[64 + lane] += _as_f32(sp[p, b, lane]) * acc[lane]
+            if has_shift:
+                acc[64 + lane] -= hp[p, b, lane] * xs[t, b]
+        b += 1
+
 
 @njit(parallel=True, fastmath=FAST, **JIT)
-def matvec_q8_0(data, x, y):
-    """Q8_0 read as stored: 34-byte blocks of a float16 d and 32 int8."""
-    R, nb, T = data.shape[0], data.shape[1] // 34, x.shape[0]
-    q = data.view(np.int8)
-    nc = max(1, min(64, R // 32))
-    for c in prange(nc):
+def matvec_panels(qp, sp, hp, has_shift, x, y):
+    """``y[t] = W x[t]`` for W in panels (``w = scale * q - shift``, groups of 32 or 16);
+    parallel over panels, float32 sums."""
+    P, n, _ = qp.shape
+    nb, T, R = sp.shape[1], x.shape[0], y.shape[1]
+    G = n // nb
+    xs = np.zeros((T, nb), np.float32)  # x summed per group, for the shifts
+    if has_shift:
+        for t in range(T):
+            for b in range(nb):
+                for j in range(G * b, G * b + G):
+                    xs[t, b] += x[t, j]
+    for p in prange(P):
         acc = _lanes()
-        for r in range(c * R // nc, (c + 1) * R // nc):
-            for t in range(T):
-                acc[:] = 0
-                b = 0
-                while b + 4 <= nb:
-                    o = 34 * b
-                    d0 = _half(data[r, o], data[r, o + 1])
-                    d1 = _half(data[r, o + 34], data[r, o + 35])
-                    d2 = _half(data[r, o + 68], data[r, o + 69])
-                    d3 = _half(data[r, o + 102], data[r, o + 103])
-                    for j in range(32):
-                        acc[j] += (d0 * f32(q[r, o + 2 + j])) * x[t, 32 * b + j]
-                        acc[32 + j] += (d1 * f32(q[r, o + 36 + j])) * x[t, 32 * b + 32 + j]
-                        acc[64 + j] += (d2 * f32(q[r, o + 70 + j])) * x[t, 32 * b + 64 + j]
-                        acc[96 + j] += (d3 * f32(q[r, o + 104 + j])) * x[t, 32 * b + 96 + j]
-                    b += 4
-                while b < nb:
-                    o = 34 * b
-                    d0 = _half(data[r, o], data[r, o + 1])
-                    for j in range(32):
-                        acc[j] += (d0 * f32(q[r, o + 2 + j])) * x[t, 32 * b + j]
-                    b += 1
-                y[t, r] = np.sum(acc)
+        for t in range(T):
+            if G == 32:
+                _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, 32, acc)
+            else:
+                _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, 16, acc)
+            for lane in range(min(PANEL, R - PANEL * p)):  # the last panel may be part padding
+                y[t, PANEL * p + lane] = acc[64 + lane]
 
 
-@njit(parallel=True, fastmath=FAST, **JIT)
-def matvec_int8_g32(q, scale, x, y):
-    """Unpacked ``w = scale * q``, groups of 32 (Q5_0, Q4_0)."""
-    R, ng, T = q.shape[0], scale.shape[1], x.shape[0]
-    nc = max(1, min(64, R // 32))
-    for c in prange(nc):
-        acc = _lanes()
-        for r in range(c * R // nc, (c + 1) * R // nc):
-            for t in range(T):
-                acc[:] = 0
-                b = 0
-                while b + 4 <= ng:
-                    s0, s1, s2, s3 = scale[r, b], scale[r, b + 1], scale[r, b + 2], scale[r, b + 3]
-                    o = 32 * b
-                    for j in range(32):
-                        acc[j] += (s0 * f32(q[r, o + j])) * x[t, o + j]
-                        acc[32 + j] += (s1 * f32(q[r, o + 32 + j])) * x[t, o + 32 + j]
-                        acc[64 + j] += (s2 * f32(q[r, o + 64 + j])) * x[t, o + 64 + j]
-                        acc[96 + j] += (s3 * f32(q[r, o + 96 + j])) * x[t, o + 96 + j]
-                    b += 4
-                while b < ng:
-                    s0, o = scale[r, b], 32 * b
-                    for j in range(32):
-                        acc[j] += (s0 * f32(q[r, o + j])) * x[t, o + j]
-                    b += 1
-                y[t, r] = np.sum(acc)
-
-
-@njit(parallel=True, fastmath=FAST, **JIT)
-def matvec_int8_g32_shift(q, scale, shift, x, y):
-    """Unpacked ``w = scale * q - shift``, groups of 32 (Q4_K, Q5_K)."""
-    R, ng, T = q.shape[0], scale.shape[1], x.shape[0]
-    nc = max(1, min(64, R // 32))
-    for c in prange(nc):
-        acc = _lanes()
-        for r in range(c * R // nc, (c + 1) * R // nc):
-            for t in range(T):
-                acc[:] = 0
-                b = 0
-                while b + 4 <= ng:
-                    s0, s1, s2, s3 = scale[r, b], scale[r, b + 1], scale[r, b + 2], scale[r, b + 3]
-                    m0, m1, m2, m3 = shift[r, b], shift[r, b + 1], shift[r, b + 2], shift[r, b + 3]
-                    o = 32 * b
-                    for j in range(32):
-                        acc[j] += (s0 * f32(q[r, o + j]) - m0) * x[t, o + j]
-                        acc[32 + j] += (s1 * f32(q[r, o + 32 + j]) - m1) * x[t, o + 32 + j]
-                        acc[64 + j] += (s2 * f32(q[r, o + 64 + j]) - m2) * x[t, o + 64 + j]
-                        acc[96 + j] += (s3 * f32(q[r, o + 96 + j]) - m3) * x[t, o + 96 + j]
-                    b += 4
-                while b < ng:
-                    s0, m0, o = scale[r, b], shift[r, b], 32 * b
-                    for j in range(32):
-                        acc[j] += (s0 * f32(q[r, o + j]) - m0) * x[t, o + j]
-                    b += 1
-                y[t, r] = np.sum(acc)
-
-
-@njit(parallel=True, fastmath=FAST, **JIT)
-def matvec_int8_g16(q, scale, x, y):
-    """Unpacked ``w = scale * q``, groups of 16 (Q6_K)."""
-    R, ng, T = q.shape[0], scale.shape[1], x.shape[0]
-    nc = max(1, min(64, R // 32))
-    for c in prange(nc):
-        acc = _lanes()
-        for r in range(c * R // nc, (c + 1) * R // nc):
-            for t in range(T):
-                acc[:64] = 0
-                b = 0
-                while b + 4 <= ng:
-                    s0, s1, s2, s3 = scale[r, b], scale[r, b + 1], scale[r, b + 2], scale[r, b + 3]
-                    o = 16 * b
-                    for j in range(16):
-                        acc[j] += (s0 * f32(q[r, o + j])) * x[t, o + j]
-                        acc[16 + j] += (s1 * f32(q[r, o + 16 + j])) * x[t, o + 16 + j]
-                        acc[32 + j] += (s2 * f32(q[r, o + 32 + j])) * x[t, o + 32 + j]
-                        acc[48 + j] += (s3 * f32(q[r, o + 48 + j])) * x[t, o + 48 + j]
-                    b += 4
-                while b < ng:
-                    s0, o = scale[r, b], 16 * b
-                    for j in range(16):
-                        acc[j] += (s0 * f32(q[r, o + j])) * x[t, o + j]
-                    b += 1
-                y[t, r] = np.sum(acc[:64])
-
-
+# ---- matvec over 16- and 32-bit floats, read as stored (memory-mapped) -------------------------
 @njit(parallel=True, fastmath=FAST, **JIT)
 def matvec_bf16(data, x, y):
     """bf16 as uint16: ``w = bits << 16`` read as float32, in registers."""
@@ -509,18 +496,21 @@ def matvec_f32(data, x, y):
 
 
 # Read as stored: kind -> (matvec, decode).
-STORED = {"Q8_0": (matvec_q8_0, decode_q8_0), "bf16": (matvec_bf16, decode_bf16),
-          "f16": (matvec_f16, decode_f16), "f32": (matvec_f32, decode_f32)}
-# Unpacked once: kind -> (unpack, weights per group, has a shift).
-UNPACKED = {"Q5_0": (unpack_q5_0, 32, False), "Q4_0": (unpack_q4_0, 32, False),
-            "Q4_K": (unpack_q4_k, 32, True), "Q5_K": (unpack_q5_k, 32, True),
-            "Q6_K": (unpack_q6_k, 16, False)}
+STORED = {"bf16": (matvec_bf16, decode_bf16), "f16": (matvec_f16, decode_f16),
+          "f32": (matvec_f32, decode_f32)}
+# Unpacked once into panels: kind -> (unpack, weights per group, has a shift, float16 scales).
+UNPACKED = {"Q8_0": (unpack_q8_0, 32, False, True), "Q5_0": (unpack_q5_0, 32, False, True),
+            "Q4_0": (unpack_q4_0, 32, False, True), "Q4_K": (unpack_q4_k, 32, True, False),
+            "Q5_K": (unpack_q5_k, 32, True, False), "Q6_K": (unpack_q6_k, 16, False, False)}
 FORMATS = sorted(STORED) + sorted(UNPACKED)
 
 
 class Packed:
     """One weight matrix ``[rows, cols]`` in the form the kernels read.
 
+    bf16, float16 and float32 are read as stored (``data``). GGUF blocks, and bf16/f16/f32
+    with ``quantize="int8"``, become panels (see ``to_panels``): ``q`` int8 ``[P, cols, 16]``,
+    ``scale`` and, for Q4_K/Q5_K, ``shift`` ``[P, cols / G, 16]``, where ``P = ceil(rows / 16)``.
     ``matvec(x, y)``: ``y[T, rows] = x[T, cols] W^T``; ``decode(r0, r1, out)``: rows
     ``[r0, r1)`` of W in float32, bit for bit the reference path's weights.
     """
@@ -531,34 +521,49 @@ class Packed:
         rows, cols = self.shape
         data = stored_bytes(tensor)
         if quantize == "int8" and kind in ("bf16", "f16", "f32") and cols % 32 == 0:
-            self._quantize(data, STORED[kind][1])
+            self.kind = "int8"
+            decode, tile = STORED[kind][1], np.empty((min(rows, self._step()), cols), np.float32)
+
+            def fill(r0, r1, q, scale, shift):  # float32 rows, rounded to int8 per group of 32
+                decode(data, r0, r1, tile[: r1 - r0])
+                quantize_int8_g32(tile[: r1 - r0], q, scale)
+            self._panels(fill, 32, has_shift=False, f16_scale=False)
+            release_pages(data)  # the bf16 pages are read once: let them leave this process's RSS
         elif kind in STORED:
             self.data = data
             self._matvec, self._decode = STORED[kind]
         elif kind in UNPACKED:
-            unpack, group, has_shift = UNPACKED[kind]
-            self.q = np.empty((rows, cols), np.int8)
-            self.scale = np.empty((rows, cols // group), np.float32)
-            self.shift = np.empty((rows, cols // group) if has_shift else (1, 1), np.float32)
-            self.has_shift = has_shift
-            unpack(data, self.q, self.scale, self.shift)
+            unpack, group, has_shift, f16_scale = UNPACKED[kind]
+            self._panels(lambda r0, r1, q, scale, shift: unpack(data[r0:r1], q, scale, shift),
+                         group, has_shift, f16_scale)
+            release_pages(data)  # read once; the embedding lookup reads its few rows from the file
         else:
             raise ValueError(f"no fast kernel for weights of type {kind}; load with fast=False")
 
-    def _quantize(self, data, decode) -> None:
-        """int8 per group of 32 with float32 scales, a tile of rows at a time."""
+    def _step(self) -> int:
+        """Rows unpacked at a time: a multiple of 16, about ``TILE_ELEMS`` weights."""
+        return max(PANEL, TILE_ELEMS // self.shape[1] // PANEL * PANEL)
+
+    def _panels(self, fill, group: int, has_shift: bool, f16_scale: bool) -> None:
+        """Panels from ``fill(r0, r1, q, scale, shift)``, which writes rows ``[r0, r1)``
+        unpacked (row-major, float32 scales), a tile of rows at a time."""
         rows, cols = self.shape
-        self.kind, self.has_shift = "int8", False
-        self.q = np.empty((rows, cols), np.int8)
-        self.scale = np.empty((rows, cols // 32), np.float32)
-        self.shift = np.empty((1, 1), np.float32)
-        step = max(1, TILE_ELEMS // cols)
-        tile = np.empty((min(rows, step), cols), np.float32)
+        P, ng = -(-rows // PANEL), cols // group
+        self.has_shift = has_shift
+        self.q = np.empty((P, cols, PANEL), np.int8)
+        self.scale = np.empty((P, ng, PANEL), np.uint16 if f16_scale else np.float32)
+        self.shift = np.empty((P, ng, PANEL) if has_shift else (1, 1, 1), np.float32)
+        for a in (self.q, self.scale, self.shift):
+            a[-1] = 0  # the last panel's rows past the matrix: weight 0
+        step = min(rows, self._step())
+        q = np.empty((step, cols), np.int8)
+        scale = np.empty((step, ng), np.float32)
+        shift = np.empty((step, ng if has_shift else 1), np.float32)
         for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            decode(data, r0, r1, tile[: r1 - r0])
-            quantize_int8_g32(tile[: r1 - r0], self.q, self.scale, r0)
-        release_pages(data)  # the bf16 pages are read once: let them leave this process's RSS
+            n = min(rows, r0 + step) - r0
+            fill(r0, r0 + n, q[:n], scale[:n], shift[:n])
+            s = scale[:n].astype(np.float16).view(np.uint16) if f16_scale else scale[:n]  # exact
+            to_panels(q[:n], s, shift[:n], has_shift, r0, self.q, self.scale, self.shift)
 
     @property
     def nbytes(self) -> int:
@@ -569,18 +574,14 @@ class Packed:
     def matvec(self, x: np.ndarray, y: np.ndarray) -> None:
         if self.kind in STORED:
             self._matvec(self.data, x, y)
-        elif self.has_shift:
-            matvec_int8_g32_shift(self.q, self.scale, self.shift, x, y)
-        elif self.scale.shape[1] * 16 == self.shape[1]:
-            matvec_int8_g16(self.q, self.scale, x, y)
         else:
-            matvec_int8_g32(self.q, self.scale, x, y)
+            matvec_panels(self.q, self.scale, self.shift, self.has_shift, x, y)
 
     def decode(self, r0: int, r1: int, out: np.ndarray) -> None:
         if self.kind in STORED:
             self._decode(self.data, r0, r1, out)
         else:
-            decode_int8(self.q, self.scale, self.shift, self.has_shift, r0, r1, out)
+            decode_panels(self.q, self.scale, self.shift, self.has_shift, r0, r1, out)
 
 
 def release_pages(a: np.ndarray) -> None:
