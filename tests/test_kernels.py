@@ -291,6 +291,32 @@ def demo_ref(demo_path):
     return tg.load(demo_path, fast=False)
 
 
+def resident_pages(a: np.ndarray) -> int:
+    """How many of the pages under ``a`` are in this process's memory (/proc/self/pagemap's
+    'present' bit, readable without privileges)."""
+    import mmap
+    page = mmap.PAGESIZE
+    start = a.__array_interface__["data"][0]
+    first, last = start // page, (start + a.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(8 * first)
+        entries = np.frombuffer(f.read(8 * (last - first + 1)), np.uint64)
+    return int(np.count_nonzero(entries >> np.uint64(63)))
+
+
+def test_packing_releases_the_mapped_pages(demo):
+    """Unpacked into panels, a GGUF tensor's pages leave the process (RSS counts the weights
+    once), but the file's bytes are still there to read."""
+    t = demo.weights.tensors["layers.1.gate"]
+    data = K.stored_bytes(t)
+    total = int(data.sum(dtype=np.int64))  # touch every page
+    assert resident_pages(data) >= data.nbytes // 4096
+    K.Packed(t)
+    assert resident_pages(data) <= 2  # at most the two pages shared with the neighbours
+    assert int(data.sum(dtype=np.int64)) == total
+    assert not K.release_pages(np.zeros(8192, np.uint8))  # not a mapped file: left alone
+
+
 PROMPTS = [  # token ids (BOS first) of text prompts, so that no tokenizer is needed here
     [2, 818, 5279, 529, 7001, 563],  # "The capital of France is"
     [2, 2063, 10779, 78113, 236769, 236749, 1473],  # "def fibonacci(n):"

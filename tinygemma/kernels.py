@@ -527,16 +527,14 @@ class Packed:
             def fill(r0, r1, q, scale, shift):  # float32 rows, rounded to int8 per group of 32
                 decode(data, r0, r1, tile[: r1 - r0])
                 quantize_int8_g32(tile[: r1 - r0], q, scale)
-            self._panels(fill, 32, has_shift=False, f16_scale=False)
-            release_pages(data)  # the bf16 pages are read once: let them leave this process's RSS
+            self._panels(data, fill, 32, has_shift=False, f16_scale=False)
         elif kind in STORED:
             self.data = data
             self._matvec, self._decode = STORED[kind]
         elif kind in UNPACKED:
             unpack, group, has_shift, f16_scale = UNPACKED[kind]
-            self._panels(lambda r0, r1, q, scale, shift: unpack(data[r0:r1], q, scale, shift),
+            self._panels(data, lambda r0, r1, q, scale, shift: unpack(data[r0:r1], q, scale, shift),
                          group, has_shift, f16_scale)
-            release_pages(data)  # read once; the embedding lookup reads its few rows from the file
         else:
             raise ValueError(f"no fast kernel for weights of type {kind}; load with fast=False")
 
@@ -544,9 +542,11 @@ class Packed:
         """Rows unpacked at a time: a multiple of 16, about ``TILE_ELEMS`` weights."""
         return max(PANEL, TILE_ELEMS // self.shape[1] // PANEL * PANEL)
 
-    def _panels(self, fill, group: int, has_shift: bool, f16_scale: bool) -> None:
+    def _panels(self, data, fill, group: int, has_shift: bool, f16_scale: bool) -> None:
         """Panels from ``fill(r0, r1, q, scale, shift)``, which writes rows ``[r0, r1)``
-        unpacked (row-major, float32 scales), a tile of rows at a time."""
+        unpacked (row-major, float32 scales), a tile of rows at a time. The stored rows are
+        read once: each tile's pages of a memory-mapped file then leave this process's RSS
+        (the embedding lookup reads its few rows from the file again)."""
         rows, cols = self.shape
         P, ng = -(-rows // PANEL), cols // group
         self.has_shift = has_shift
@@ -564,6 +564,7 @@ class Packed:
             fill(r0, r0 + n, q[:n], scale[:n], shift[:n])
             s = scale[:n].astype(np.float16).view(np.uint16) if f16_scale else scale[:n]  # exact
             to_panels(q[:n], s, shift[:n], has_shift, r0, self.q, self.scale, self.shift)
+            release_pages(data[r0:r0 + n])
 
     @property
     def nbytes(self) -> int:
@@ -584,17 +585,20 @@ class Packed:
             decode_panels(self.q, self.scale, self.shift, self.has_shift, r0, r1, out)
 
 
-def release_pages(a: np.ndarray) -> None:
+def release_pages(a: np.ndarray) -> bool:
     """Drop the pages of a memory-mapped array from this process (MADV_DONTNEED; Linux).
 
     The file stays in the page cache, so nothing is lost; the process's RSS no longer counts
-    them. Does nothing for arrays not backed by a memory map."""
+    them. Returns whether it did; arrays not backed by a memory map are left alone."""
     import mmap
     base = a
     while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+        if isinstance(base, memoryview):  # np.frombuffer(an mmap), as the GGUF reader maps
+            base = base.obj
+        else:  # np.memmap (safetensors), or a view of one
+            base = getattr(base, "_mmap", None) or getattr(base, "base", None)
     if base is None or not hasattr(base, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
+        return False
     start = a.__array_interface__["data"][0]
     try:
         begin = np.frombuffer(base, np.uint8, count=1).__array_interface__["data"][0]
@@ -603,8 +607,9 @@ def release_pages(a: np.ndarray) -> None:
         hi = (start - begin + a.nbytes) // page * page
         if hi > lo:
             base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        return True
     except (ValueError, OSError, TypeError):
-        pass
+        return False
 
 
 def stored_bytes(tensor) -> np.ndarray:
