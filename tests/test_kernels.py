@@ -140,6 +140,32 @@ def test_fast_linear_every_T(kind, T, monkeypatch):
     assert_close_products(model.linear(x, "w"), x, t.f32())
 
 
+@pytest.mark.parametrize("kinds, rows, stacked", [
+    ((Q.Q5_0, Q.Q8_0, Q.Q8_0), (64, 32, 32), True),  # Gemma 3 270M's q, k, v: panels alike
+    ((Q.Q4_K, Q.Q4_K), (256, 256), True),  # with shifts
+    ((Q.Q6_K, Q.Q6_K), (48, 80), True),  # groups of 16
+    ((Q.Q5_0, Q.Q4_K), (64, 64), False),  # shift / no shift: one matvec each
+    ((Q.Q8_0, Q.Q8_0), (40, 32), False),  # 40 rows: a part-filled panel inside the stack
+    (("bf16", "bf16"), (32, 32), False),  # read as stored
+], ids=["q5_0+q8_0", "q4_k", "q6_k", "mixed", "ragged", "bf16"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_projections_stacked_equal_linear(kinds, rows, stacked, T):
+    """FastGemma.projections: one matvec over the stacked matrices equals a linear per matrix,
+    and afterwards each matrix alone (the prefill's decode reads it in the stack) too."""
+    rng = np.random.default_rng(T)
+    tensors = {f"w{i}": make_tensor(k, r, 256, rng) for i, (k, r) in enumerate(zip(kinds, rows))}
+    model = K.FastGemma(tiny_config(), Weights(tensors))
+    x = rng.standard_normal((T, 256)).astype(np.float32)
+    outs = model.projections(x, *tensors)
+    assert (model._stacks[tuple(tensors)][0] is not None) == stacked
+    for (name, t), y in zip(tensors.items(), outs):
+        assert y.shape == (T, t.shape[0]) and y.flags.c_contiguous
+        assert_close_products(y, x, t.f32())
+        assert_close_products(model.linear(x, name), x, t.f32())
+        many = rng.standard_normal((K.SMALL_T + 1, 256)).astype(np.float32)
+        assert_close_products(model.linear(many, name), many, t.f32())
+
+
 # ---- attention over the cache ---------------------------------------------------------------
 @pytest.mark.parametrize("H, Kv", [(4, 1), (4, 2), (2, 2)], ids=["MQA", "GQA", "MHA"])
 @pytest.mark.parametrize("window, cap", [(None, None), (5, None), (None, 50.0), (1, 30.0)])

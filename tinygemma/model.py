@@ -10,9 +10,10 @@ Gemma 2 and 3 add the "sandwich" norms on each sub-layer's output::
     h = x + rms_norm(attn(rms_norm(x)))
     x = h + rms_norm(mlp(rms_norm(h)))
 
-Every projection goes through :meth:`Gemma.linear`, the cached attention through
-:meth:`Gemma.attend`, every RMSNorm through :meth:`Gemma.norm` and the MLP's gate through
-:meth:`Gemma.geglu`: the fast path (``kernels.py``) overrides those four and nothing else.
+Every projection goes through :meth:`Gemma.linear` (those of one input, q/k/v and gate/up,
+through :meth:`Gemma.projections`), the cached attention through :meth:`Gemma.attend`, every
+RMSNorm through :meth:`Gemma.norm` and the MLP's gate through :meth:`Gemma.geglu`: the fast
+path (``kernels.py``) overrides those five and nothing else.
 Shape legend as in ``layers.py``.
 """
 
@@ -134,9 +135,10 @@ class Gemma:
     def _attention(self, i, x, positions, rope, cache, tape):
         c, p = self.config, f"layers.{i}."
         T, H, K, d = len(x), c.num_heads, c.num_kv_heads, c.head_dim
-        q = self.linear(x, p + "q").reshape(T, H, d).transpose(1, 0, 2)  # [H, T, d]
-        k = self.linear(x, p + "k").reshape(T, K, d).transpose(1, 0, 2)  # [K, T, d]
-        v = self.linear(x, p + "v").reshape(T, K, d).transpose(1, 0, 2)  # [K, T, d]
+        q, k, v = self.projections(x, p + "q", p + "k", p + "v")  # [T, H*d], [T, K*d], [T, K*d]
+        q = q.reshape(T, H, d).transpose(1, 0, 2)  # [H, T, d]
+        k = k.reshape(T, K, d).transpose(1, 0, 2)  # [K, T, d]
+        v = v.reshape(T, K, d).transpose(1, 0, 2)  # [K, T, d]
         if c.qk_norm:  # Gemma 3: RMSNorm over head_dim, before RoPE
             q = self.norm(q, p + "q_norm")  # [H, T, d]
             k = self.norm(k, p + "k_norm")  # [K, T, d]
@@ -151,14 +153,18 @@ class Gemma:
 
     def _mlp(self, i, x, tape):
         p = f"layers.{i}."
-        gate = keep(tape, p + "gate", self.linear(x, p + "gate"))  # [T, D] -> [T, F]
-        up = keep(tape, p + "up", self.linear(x, p + "up"))  # [T, D] -> [T, F]
+        gate, up = self.projections(x, p + "gate", p + "up")  # [T, D] -> [T, F], [T, F]
+        keep(tape, p + "gate", gate), keep(tape, p + "up", up)
         return self.linear(self.geglu(gate, up), p + "down")  # [T, F] -> [T, D]
 
-    # ---- the four operations the fast path replaces ----------------------------------------
+    # ---- the five operations the fast path replaces ----------------------------------------
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
         """``x W^T`` with the weight decoded to float32."""
         return L.linear(x, self.weights[name])
+
+    def projections(self, x: np.ndarray, *names: str) -> list[np.ndarray]:
+        """``x W^T`` for each weight named: the projections of one input (q, k, v; gate, up)."""
+        return [self.linear(x, name) for name in names]
 
     def norm(self, x: np.ndarray, name: str) -> np.ndarray:
         """RMSNorm over the last axis with the weight ``name``."""
