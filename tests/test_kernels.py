@@ -234,6 +234,19 @@ def test_norm_and_geglu_kernels_equal_layers(shape):
     np.testing.assert_allclose(fast.geglu(gate, up), L.geglu(gate, up), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("H, T, d", [(4, 1, 256), (1, 7, 32), (8, 40, 128)])
+def test_rope_kernel_equals_layers(H, T, d):
+    """``FastGemma.rope`` against ``layers.rope`` at positions up to 8k (large angles), for
+    contiguous and transposed (prefill's ``[T, H, d] -> [H, T, d]``) inputs."""
+    rng = np.random.default_rng(T)
+    fast = K.FastGemma(tiny_config(), Weights({}))
+    cos, sin = L.rope_angles(rng.integers(0, 8192, T), d, 1e6)
+    x = (rng.standard_normal((T, H, d)) * 3).astype(np.float32).transpose(1, 0, 2)
+    want = L.rope(x, cos, sin)
+    np.testing.assert_allclose(fast.rope(x, cos, sin), want, rtol=1e-6, atol=2e-6)
+    np.testing.assert_allclose(fast.rope(x.copy(), cos, sin), want, rtol=1e-6, atol=2e-6)
+
+
 @njit(cache=True)
 def exp_all(x):
     out = np.empty_like(x)

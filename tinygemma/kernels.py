@@ -22,12 +22,13 @@ So the kernels read compact weights and decode them in registers, inside the dot
 * ``attend_cache``: attention of a few new queries over the KV cache, multi-query aware: the
   keys and values of a shared KV head are read once for all the query heads of its group.
   In a prefill, ``masked_softmax`` between two BLAS products, with a vectorised ``_exp``.
-* ``rms_norm_rows``, ``geglu_rows``: RMSNorm and the GeGLU gate in one pass each.
+* ``rms_norm_rows``, ``rope_rows``, ``geglu_rows``: RMSNorm, RoPE and the GeGLU gate in one
+  pass each.
 
 :class:`FastGemma` overrides only :meth:`Gemma.linear`, :meth:`Gemma.projections` (q, k, v
-in one matvec, gate and up in another), :meth:`Gemma.attend`, :meth:`Gemma.norm` and
-:meth:`Gemma.geglu`; the forward pass itself stays the readable one in ``model.py``. Every
-kernel is tested equal to its NumPy twin (``tests/test_kernels.py``).
+in one matvec, gate and up in another), :meth:`Gemma.attend`, :meth:`Gemma.norm`,
+:meth:`Gemma.rope` and :meth:`Gemma.geglu`; the forward pass itself stays the readable one in
+``model.py``. Every kernel is tested equal to its NumPy twin (``tests/test_kernels.py``).
 
 Block layouts (from ggml; ``d``, ``dmin`` are float16 scales)::
 
@@ -753,6 +754,19 @@ def rms_norm_rows(x, scale, eps, out):
 
 
 @njit(fastmath=FAST, **JIT)
+def rope_rows(x, cos, sin, out):
+    """``layers.rope`` in one pass: ``out = x cos + rotate_half(x) sin`` for x ``[N, T, d]``
+    and angles ``[T, d]``; dimension ``j`` is paired with ``j + d/2``."""
+    half = x.shape[2] // 2
+    for h in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            for j in range(half):
+                x1, x2 = x[h, t, j], x[h, t, half + j]
+                out[h, t, j] = x1 * cos[t, j] - x2 * sin[t, j]
+                out[h, t, half + j] = x2 * cos[t, half + j] + x1 * sin[t, half + j]
+
+
+@njit(fastmath=FAST, **JIT)
 def geglu_rows(gate, up, out):
     """``out = gelu_tanh(gate) * up`` (``layers.geglu``), vectorised.
 
@@ -808,7 +822,7 @@ class FastGemma(Gemma):
     ``projections``: q, k, v (and gate, up) stacked, one matvec for each group.
     ``attend``: a kernel over the cache for up to ``SMALL_T`` queries; for more, the products
     on BLAS around an in-place masked softmax; the reference whenever probabilities are wanted.
-    ``norm``, ``geglu``: one pass each instead of several NumPy operations.
+    ``norm``, ``rope``, ``geglu``: one pass each instead of several NumPy operations.
     Kernels for decoded tokens run on all cores (``TINYGEMMA_THREADS`` caps them); in a
     prefill, Numba runs on the calling thread beside BLAS's threads.
     """
@@ -900,6 +914,13 @@ class FastGemma(Gemma):
         out = np.empty_like(x)
         rms_norm_rows(x.reshape(-1, x.shape[-1]), scale, float(self.config.rms_norm_eps),
                       out.reshape(-1, x.shape[-1]))
+        return out
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)  # [N, T, d]
+        out = np.empty_like(x)
+        rope_rows(x, np.ascontiguousarray(cos, dtype=np.float32),
+                  np.ascontiguousarray(sin, dtype=np.float32), out)
         return out
 
     def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:

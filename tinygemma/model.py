@@ -12,8 +12,8 @@ Gemma 2 and 3 add the "sandwich" norms on each sub-layer's output::
 
 Every projection goes through :meth:`Gemma.linear` (those of one input, q/k/v and gate/up,
 through :meth:`Gemma.projections`), the cached attention through :meth:`Gemma.attend`, every
-RMSNorm through :meth:`Gemma.norm` and the MLP's gate through :meth:`Gemma.geglu`: the fast
-path (``kernels.py``) overrides those five and nothing else.
+RMSNorm through :meth:`Gemma.norm`, RoPE through :meth:`Gemma.rope` and the MLP's gate through
+:meth:`Gemma.geglu`: the fast path (``kernels.py``) overrides those six and nothing else.
 Shape legend as in ``layers.py``.
 """
 
@@ -143,7 +143,7 @@ class Gemma:
             q = self.norm(q, p + "q_norm")  # [H, T, d]
             k = self.norm(k, p + "k_norm")  # [K, T, d]
         cos, sin = rope  # [T, d]: this layer's RoPE base (Gemma 3: local or global)
-        q, k = L.rope(q, cos, sin), L.rope(k, cos, sin)  # [H, T, d], [K, T, d]
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)  # [H, T, d], [K, T, d]
         keep(tape, p + "q", q), keep(tape, p + "k", k), keep(tape, p + "v", v)
         start, end = positions[0], positions[-1] + 1
         cache.k[i][:, start:end], cache.v[i][:, start:end] = k, v  # [K, T, d] into [K, S, d]
@@ -157,7 +157,7 @@ class Gemma:
         keep(tape, p + "gate", gate), keep(tape, p + "up", up)
         return self.linear(self.geglu(gate, up), p + "down")  # [T, F] -> [T, D]
 
-    # ---- the five operations the fast path replaces ----------------------------------------
+    # ---- the six operations the fast path replaces -----------------------------------------
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
         """``x W^T`` with the weight decoded to float32."""
         return L.linear(x, self.weights[name])
@@ -169,6 +169,10 @@ class Gemma:
     def norm(self, x: np.ndarray, name: str) -> np.ndarray:
         """RMSNorm over the last axis with the weight ``name``."""
         return L.rms_norm(x, self.weights[name], self.config.rms_norm_eps)
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Rotary position embedding of queries or keys ``[heads, T, d]``."""
+        return L.rope(x, cos, sin)
 
     def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """The MLP's gate, ``gelu_tanh(gate) * up``."""
