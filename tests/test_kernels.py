@@ -194,15 +194,25 @@ def test_attend_kernel_equals_reference(H, Kv, window, cap, block, monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_attend_cache_splits_queries_over_threads(threads):
-    """Each part of a group's queries (one per thread) gives the same output as one part."""
-    rng = np.random.default_rng(threads)
-    q = rng.standard_normal((4, 3, 16)).astype(np.float32)  # [H, T, d]: MQA, 12 queries
-    k, v = (rng.standard_normal((1, 20, 16)).astype(np.float32) for _ in range(2))
-    want, got = np.empty_like(q), np.empty_like(q)
-    K.attend_cache(q, k, v, 10, 2, 0, 0.25, 0.0, 1, want)
-    K.attend_cache(q, k, v, 10, 2, 0, 0.25, 0.0, threads, got)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("H, Kv, T", [(4, 1, 1), (4, 1, 3), (4, 2, 2), (2, 2, 1)])
+@pytest.mark.parametrize("window, cap", [(0, 0.0), (150, 0.0), (0, 30.0), (1, 0.0)])
+def test_attend_cache_splits_keys_over_threads(threads, H, Kv, T, window, cap):
+    """With more threads than KV heads, each head's keys are split in ranges, one per thread,
+    and the ranges' softmax sums merged: the result is ``layers.attention``'s. 300 keys, so
+    that up to 4 ranges of ``KEYS_PER_PART``; with a window some ranges hold no key a query
+    sees, or only part of one."""
+    rng = np.random.default_rng(threads * 100 + H * 10 + T)
+    d, pos0, first = 16, 310, 10 if window == 0 else 0
+    q = (rng.standard_normal((H, T, d)) * 2).astype(np.float32)
+    k, v = (rng.standard_normal((Kv, pos0 + T + 5, d)).astype(np.float32) for _ in range(2))
+    if window:
+        first = max(0, pos0 - window + 1)
+    positions, keys = np.arange(pos0, pos0 + T), np.arange(first, pos0 + T)
+    mask = L.causal_mask(positions, keys, window or None)
+    want, _ = L.attention(q, k[:, first:pos0 + T], v[:, first:pos0 + T], mask, 0.25, cap or None)
+    got = np.full_like(q, np.nan)
+    K.attend_cache(q, k, v, pos0, first, window, 0.25, cap, threads, got)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_exp_kernel_within_two_ulp():

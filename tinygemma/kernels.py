@@ -66,6 +66,7 @@ f32 = np.float32
 SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, decoded tiles and BLAS
 TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3 cache
 QUERY_BLOCK = 128  # prefill attention: queries per block (see FastGemma._attend_blocks)
+KEYS_PER_PART = 64  # decode attention: split a KV head's keys over threads from 2 x this many
 KEEP_F32_BYTES = 512 << 20  # prefill keeps the layers' matrices in float32 if all fit in this
 
 
@@ -656,10 +657,11 @@ def stored_bytes(tensor) -> np.ndarray:
 
 # ---- attention over the KV cache -------------------------------------------------------------
 @njit(inline="always", fastmath=FAST)
-def _softmax_span(x, lo, hi, scale, cap):
-    """In place: ``x[lo:hi] = softmax(x[lo:hi] * scale)``, soft-capped when ``cap`` > 0 (Gemma
-    2), and 0 outside ``[lo, hi)`` (the keys a query may not see). Separate loops, so that each
-    vectorises."""
+def _exp_span(x, lo, hi, scale, cap):
+    """In place: ``x[lo:hi] = exp(x[lo:hi] * scale - m)`` with ``m`` their max, soft-capped
+    first when ``cap`` > 0 (Gemma 2), and 0 outside ``[lo, hi)`` (the keys a query may not
+    see). Returns ``m`` and the sum, so that the softmax is ``x / sum``; an empty span gives
+    ``-inf, 0``. Separate loops, so that each vectorises."""
     if cap > 0:
         for s in range(lo, hi):
             x[s] = f32(cap) * np.tanh(x[s] * f32(scale) / f32(cap))
@@ -673,10 +675,9 @@ def _softmax_span(x, lo, hi, scale, cap):
     for s in range(lo, hi):
         x[s] = _exp(x[s] - m)
         total += x[s]
-    for s in range(lo, hi):
-        x[s] = x[s] / total
     x[:lo] = 0
-    x[hi:] = 0
+    x[max(lo, hi):] = 0
+    return m, total
 
 
 @njit(parallel=True, fastmath=FAST, **JIT)
@@ -688,37 +689,59 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, threads, out):
     ``s > pos0 + t - window``. ``cap`` > 0 soft-caps the scores (Gemma 2). The ``G * T``
     queries of a KV head's group are handled together: each key and value row is read once for
     all of them (multi-query attention reads one KV head for every query head). With fewer KV
-    heads than ``threads`` (MQA has one), each group's queries are split in parts for the
-    threads, and each part reads the group's keys and values once.
+    heads than ``threads`` (MQA has one), each head's keys are split in ranges of at least
+    ``KEYS_PER_PART``, one per thread, so that each thread reads only its part of the cache;
+    each range's softmax sums are then rescaled to the overall max and added (as
+    flash-decoding does).
     """
     H, T, d = q.shape
     K = k.shape[0]
     G = H // K
+    n = G * T  # a group's queries: i = g * T + t
     S = pos0 + T - first  # keys [first, pos0 + T)
-    parts = max(1, min(G * T, threads // K))  # parts per group
-    for task in prange(K * parts):
-        kh, part = task // parts, task % parts
-        i0, i1 = part * G * T // parts, (part + 1) * G * T // parts  # queries i = g * T + t
-        scores = np.empty((i1 - i0, S), np.float32)
-        for s in range(S):  # q . k for every query of the part, key row s read once
-            key = k[kh, first + s]
-            for i in range(i0, i1):
+    P = max(1, min(threads // K, S // KEYS_PER_PART))  # key ranges per KV head
+    maxes, sums = np.empty((K * P, n), np.float32), np.empty((K * P, n), np.float32)
+    parts = np.zeros((K * P, n, d), np.float32)  # each range's sum_s exp(.) v_s
+    for task in prange(K * P):
+        kh, r = task // P, task % P
+        s0, s1 = first + r * S // P, first + (r + 1) * S // P  # this range's keys [s0, s1)
+        e = np.empty((n, s1 - s0), np.float32)
+        for s in range(s0, s1):  # q . k for the group's queries, key row s read once
+            key = k[kh, s]
+            for i in range(n):
                 acc = f32(0)
                 for j in range(d):
                     acc += q[kh * G + i // T, i % T, j] * key[j]
-                scores[i - i0, s] = acc
-        for i in range(i0, i1):
+                e[i, s - s0] = acc
+        for i in range(n):
             p = pos0 + i % T
-            lo = first if window <= 0 else max(first, p - window + 1)
-            _softmax_span(scores[i - i0], lo - first, p - first + 1, scale, cap)
-            out[kh * G + i // T, i % T, :] = 0
-        for s in range(S):  # probs . v, value row s read once for the part
-            val = v[kh, first + s]
-            for i in range(i0, i1):
-                p_ = scores[i - i0, s]
-                if p_ != 0:
+            lo = first if window <= 0 else max(first, p - window + 1)  # keys [lo, p] are seen
+            maxes[task, i], sums[task, i] = _exp_span(e[i], max(lo, s0) - s0, min(p + 1, s1) - s0,
+                                                      scale, cap)
+        o = parts[task]
+        for s in range(s0, s1):  # exp(.) . v, value row s read once for the group
+            val = v[kh, s]
+            for i in range(n):
+                w = e[i, s - s0]
+                if w != 0:
                     for j in range(d):
-                        out[kh * G + i // T, i % T, j] += p_ * val[j]
+                        o[i, j] += w * val[j]
+    for kh in range(K):  # the softmax over all the ranges
+        for i in range(n):
+            m = f32(-np.inf)
+            for r in range(P):
+                m = max(m, maxes[kh * P + r, i])
+            res = out[kh * G + i // T, i % T]
+            res[:] = 0
+            total = f32(0)
+            for r in range(P):
+                if sums[kh * P + r, i] > 0:  # a range with keys this query sees
+                    c = _exp(maxes[kh * P + r, i] - m)
+                    total += c * sums[kh * P + r, i]
+                    for j in range(d):
+                        res[j] += c * parts[kh * P + r, i, j]
+            for j in range(d):
+                res[j] = res[j] / total
 
 
 @njit(fastmath=FAST, **JIT)
@@ -733,7 +756,9 @@ def masked_softmax(scores, T, pos0, first, window, scale, cap):
     for row in range(scores.shape[0]):
         p = pos0 + row % T
         lo = 0 if window <= 0 else max(0, p - window + 1 - first)
-        _softmax_span(scores[row], lo, p - first + 1, scale, cap)  # keys [lo, p] are seen
+        _, total = _exp_span(scores[row], lo, p - first + 1, scale, cap)  # keys [lo, p] are seen
+        for s in range(lo, p - first + 1):
+            scores[row, s] = scores[row, s] / total
 
 
 # ---- the elementwise layers (serial: in a prefill they run beside BLAS's threads) ---------
