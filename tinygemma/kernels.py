@@ -5,13 +5,13 @@ multiplies with NumPy. Decoding one token is a matrix-vector product per project
 reads every weight once; float32 copies would make it read 2x (bf16) to 7x (4-bit) more bytes.
 So the kernels read compact weights and decode them in registers, inside the dot product:
 
-* :class:`Packed`: a matrix in the form the kernels read. bf16 (as uint16), float16 and
-  float32 are read as stored, memory-mapped. The GGUF block types (Q8_0, Q5_0, Q4_0, Q4_K,
+* :class:`Packed`: a matrix in the form the kernels read. bf16, float16 and float32 are read
+  as stored, memory-mapped. The GGUF block types (Q8_0, Q5_0, Q4_0, Q4_K,
   Q5_K, Q6_K) are unpacked once, when first used, to one int8 per weight plus group scales
   (``w = scale * q - shift``), in panels of 16 rows stored side by side (``to_panels``):
   unpacking 5- or 6-bit fields inside the matvec costs more instructions per weight than the
   2 cores can hide behind memory reads, and panels need fewer than rows.
-* ``matvec_panels``, ``matvec_bf16/f16/f32``: ``y[t] = W x[t]`` for a few tokens ``t``
+* ``matvec_panels``, ``matvec_stored``: ``y[t] = W x[t]`` for a few tokens ``t``
   (decode), parallel over output rows (``prange``), float32 accumulation. The weights they
   multiply by are exactly those of the reference path; only the order of the additions
   differs (``fastmath`` reassociation, which lets LLVM vectorise the sums).
@@ -118,14 +118,19 @@ def _pow2(typingctx, n):
     return sig, codegen
 
 
+# Numba has no float16 or bfloat16 arrays, so 16-bit floats are held as their bits, and the
+# integer type says which: uint16 for bfloat16, int16 for float16 (a view, no copy).
 def _as_f32(v):
-    """A panel's scale as float32: float16 bits (uint16) exactly, float32 as it is."""
+    """A stored value as float32, exactly: bfloat16 bits (uint16), float16 bits (int16) or a
+    float32."""
 
 
 @overload(_as_f32)
 def _as_f32_impl(v):
     if v == types.uint16:
-        return lambda v: _half16(v)
+        return lambda v: _bf16(v)
+    if v == types.int16:
+        return lambda v: _half16(np.uint16(v))
     return lambda v: f32(v)
 
 
@@ -289,27 +294,11 @@ def unpack_q6_k(data, q, scale, shift):
 # Each writes rows [r0, r1) of the matrix as float32 ``[r1 - r0, n]``. No fastmath.
 
 @njit(**JIT)
-def decode_bf16(data, r0, r1, out):
-    w = data.view(np.uint16)
+def decode_stored(w, r0, r1, out):
+    """bf16 (uint16 bits), float16 (int16 bits) or float32, as stored."""
     for r in range(r0, r1):
         for j in range(w.shape[1]):
-            out[r - r0, j] = _bf16(w[r, j])
-
-
-@njit(**JIT)
-def decode_f16(data, r0, r1, out):
-    w = data.view(np.uint16)
-    for r in range(r0, r1):
-        for j in range(w.shape[1]):
-            out[r - r0, j] = _half16(w[r, j])
-
-
-@njit(**JIT)
-def decode_f32(data, r0, r1, out):
-    w = data.view(np.float32)
-    for r in range(r0, r1):
-        for j in range(w.shape[1]):
-            out[r - r0, j] = w[r, j]
+            out[r - r0, j] = _as_f32(w[r, j])
 
 
 @njit(**JIT)
@@ -343,7 +332,7 @@ def quantize_int8_g32(w, q, scale):
 # lanes. The kernel sums four groups at once (independent chains keep both multiply-add units
 # busy), so inside each span of four groups the columns are stored in the order the loop reads
 # them, column ``G k + j`` of the span at ``4 j + k``: the matvec reads memory front to back.
-# Scales that are float16 in the file (Q8_0, Q5_0, Q4_0) stay float16 (as uint16), 2 bytes.
+# Scales that are float16 in the file (Q8_0, Q5_0, Q4_0) stay float16 (int16 bits), 2 bytes.
 # Measured on the demo's LM head (Q8_0, 2 threads): 5.8 ms against 6.4 ms for the row-major
 # kernel, and 11.7 -> 6.3 ms on one thread (docs/performance.md).
 
@@ -457,9 +446,9 @@ def matvec_panels(qp, sp, hp, has_shift, x, y):
 
 # ---- matvec over 16- and 32-bit floats, read as stored (memory-mapped) -------------------------
 @njit(parallel=True, fastmath=FAST, **JIT)
-def matvec_bf16(data, x, y):
-    """bf16 as uint16: ``w = bits << 16`` read as float32, in registers."""
-    w = data.view(np.uint16)
+def matvec_stored(w, x, y):
+    """bf16 (uint16 bits: ``w = bits << 16`` read as float32), float16 (int16 bits) or float32,
+    decoded in registers; parallel over chunks of rows."""
     R, n, T = w.shape[0], w.shape[1], x.shape[0]
     nc = max(1, min(64, R // 32))
     for c in prange(nc):
@@ -467,41 +456,12 @@ def matvec_bf16(data, x, y):
             for t in range(T):
                 s = f32(0)
                 for j in range(n):
-                    s += _bf16(w[r, j]) * x[t, j]
+                    s += _as_f32(w[r, j]) * x[t, j]
                 y[t, r] = s
 
 
-@njit(parallel=True, fastmath=FAST, **JIT)
-def matvec_f16(data, x, y):
-    w = data.view(np.uint16)
-    R, n, T = w.shape[0], w.shape[1], x.shape[0]
-    nc = max(1, min(64, R // 32))
-    for c in prange(nc):
-        for r in range(c * R // nc, (c + 1) * R // nc):
-            for t in range(T):
-                s = f32(0)
-                for j in range(n):
-                    s += _half16(w[r, j]) * x[t, j]
-                y[t, r] = s
-
-
-@njit(parallel=True, fastmath=FAST, **JIT)
-def matvec_f32(data, x, y):
-    w = data.view(np.float32)
-    R, n, T = w.shape[0], w.shape[1], x.shape[0]
-    nc = max(1, min(64, R // 32))
-    for c in prange(nc):
-        for r in range(c * R // nc, (c + 1) * R // nc):
-            for t in range(T):
-                s = f32(0)
-                for j in range(n):
-                    s += w[r, j] * x[t, j]
-                y[t, r] = s
-
-
-# Read as stored: kind -> (matvec, decode).
-STORED = {"bf16": (matvec_bf16, decode_bf16), "f16": (matvec_f16, decode_f16),
-          "f32": (matvec_f32, decode_f32)}
+# Read as stored (matvec_stored, decode_stored): kind -> the type its values are viewed as.
+STORED = {"bf16": np.uint16, "f16": np.int16, "f32": np.float32}
 # Unpacked once into panels: kind -> (unpack, weights per group, has a shift, float16 scales).
 UNPACKED = {"Q8_0": (unpack_q8_0, 32, False, True), "Q5_0": (unpack_q5_0, 32, False, True),
             "Q4_0": (unpack_q4_0, 32, False, True), "Q4_K": (unpack_q4_k, 32, True, False),
@@ -526,15 +486,14 @@ class Packed:
         data = stored_bytes(tensor)
         if quantize == "int8" and kind in ("bf16", "f16", "f32") and cols % 32 == 0:
             self.kind = "int8"
-            decode, tile = STORED[kind][1], np.empty((min(rows, self._step()), cols), np.float32)
+            w, tile = data.view(STORED[kind]), np.empty((min(rows, self._step()), cols), np.float32)
 
             def fill(r0, r1, q, scale, shift):  # float32 rows, rounded to int8 per group of 32
-                decode(data, r0, r1, tile[: r1 - r0])
+                decode_stored(w, r0, r1, tile[: r1 - r0])
                 quantize_int8_g32(tile[: r1 - r0], q, scale)
             self._panels(data, fill, 32, has_shift=False, f16_scale=False)
         elif kind in STORED:
-            self.data = data
-            self._matvec, self._decode = STORED[kind]
+            self.data = data.view(STORED[kind])
         elif kind in UNPACKED:
             unpack, group, has_shift, f16_scale = UNPACKED[kind]
             self._panels(data, lambda r0, r1, q, scale, shift: unpack(data[r0:r1], q, scale, shift),
@@ -555,7 +514,7 @@ class Packed:
         P, ng = -(-rows // PANEL), cols // group
         self.has_shift = has_shift
         self.q = np.empty((P, cols, PANEL), np.int8)
-        self.scale = np.empty((P, ng, PANEL), np.uint16 if f16_scale else np.float32)
+        self.scale = np.empty((P, ng, PANEL), np.int16 if f16_scale else np.float32)
         self.shift = np.empty((P, ng, PANEL) if has_shift else (1, 1, 1), np.float32)
         for a in (self.q, self.scale, self.shift):
             a[-1] = 0  # the last panel's rows past the matrix: weight 0
@@ -566,7 +525,7 @@ class Packed:
         for r0 in range(0, rows, step):
             n = min(rows, r0 + step) - r0
             fill(r0, r0 + n, q[:n], scale[:n], shift[:n])
-            s = scale[:n].astype(np.float16).view(np.uint16) if f16_scale else scale[:n]  # exact
+            s = scale[:n].astype(np.float16).view(np.int16) if f16_scale else scale[:n]  # exact
             to_panels(q[:n], s, shift[:n], has_shift, r0, self.q, self.scale, self.shift)
             release_pages(data[r0:r0 + n])
 
@@ -607,13 +566,13 @@ class Packed:
 
     def matvec(self, x: np.ndarray, y: np.ndarray) -> None:
         if self.kind in STORED:
-            self._matvec(self.data, x, y)
+            matvec_stored(self.data, x, y)
         else:
             matvec_panels(self.q, self.scale, self.shift, self.has_shift, x, y)
 
     def decode(self, r0: int, r1: int, out: np.ndarray) -> None:
         if self.kind in STORED:
-            self._decode(self.data, r0, r1, out)
+            decode_stored(self.data, r0, r1, out)
         else:
             decode_panels(self.q, self.scale, self.shift, self.has_shift, r0, r1, out)
 
