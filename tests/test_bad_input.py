@@ -188,12 +188,30 @@ def test_config_has_more_layers_than_the_weights(tmp_path):
         tg.load(folder)
 
 
-def test_config_expects_a_missing_tensor(tmp_path):
-    weights = random_tensors(tiny_config(3))
-    del weights["model.layers.1.self_attn.k_norm.weight"]
-    folder = write_hf(tmp_path / "m", tensors=weights)
-    with clear_error(CheckpointError, "tensor 'layers.1.k_norm' (tinygemma's name) is missing"):
+@pytest.mark.parametrize("family, hf, prefix", [
+    (3, "model.layers.1.self_attn.k_norm.weight", "model."),
+    (3, "model.language_model.layers.0.self_attn.q_proj.weight", "model.language_model."),
+    (2, "model.layers.1.pre_feedforward_layernorm.weight", "model."),
+    (1, "model.norm.weight", "model.")])
+def test_config_expects_a_missing_tensor(tmp_path, family, hf, prefix):
+    """The error spells the missing tensor as the checkpoint would (with its prefix)."""
+    weights = random_tensors(tiny_config(family))
+    weights = {prefix + n[len("model."):] if n.startswith("model.") else n: w
+               for n, w in weights.items()}
+    del weights[hf]
+    folder = write_hf(tmp_path / "m", family=family, tensors=weights)
+    with clear_error(CheckpointError, f"tensor '{hf}' is missing (tinygemma's"):
         tg.load(folder)
+
+
+@pytest.mark.parametrize("hf, gguf", [("model.layers.1.self_attn.k_norm.weight",
+                                       "blk.1.attn_k_norm.weight"),
+                                      ("model.embed_tokens.weight", "token_embd.weight")])
+def test_gguf_missing_tensor_spelled_as_in_gguf(tmp_path, hf, gguf):
+    weights = random_tensors(tiny_config(3))
+    del weights[hf]
+    with clear_error(CheckpointError, f"tensor '{gguf}' is missing (tinygemma's"):
+        tg.load(write_gguf(tmp_path / "m.gguf", tensors=weights))
 
 
 def test_config_json_junk(tmp_path):

@@ -131,6 +131,15 @@ def _our_name(name: str) -> str | None:
     return None
 
 
+def _gguf_name(ours: str) -> str:
+    """The GGUF name of one of ours (the inverse of ``_our_name``; for errors)."""
+    named = {v: k for k, v in _GLOBAL.items()}
+    if ours in named:
+        return named[ours] + ".weight"
+    _, i, part = ours.split(".", 2)
+    return f"blk.{i}.{ {v: k for k, v in _LAYER_PARTS.items()}[part] }.weight"
+
+
 def load_gguf(path: str):
     """(config, tensors in our names, metadata) of a GGUF file; the metadata holds the vocabulary."""
     f = read_gguf(path)
@@ -150,5 +159,5 @@ def load_gguf(path: str):
         tensors[name], origin[name] = tensor, repr(t.name)
     if "lm_head" in tensors:  # llama.cpp writes output.weight only when the head is not tied
         config = config.replace(tie_word_embeddings=False)
-    check_weights(tensors, config, path, origin)
+    check_weights(tensors, config, path, origin, _gguf_name)
     return config, tensors, f.metadata

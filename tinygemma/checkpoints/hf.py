@@ -44,6 +44,17 @@ def our_name(hf_name: str, family: int) -> str | None:
     return None
 
 
+def hf_name(ours: str, family: int, prefix: str = "model.") -> str:
+    """The HF name of one of ours (the inverse of ``our_name``; for errors)."""
+    if ours == "lm_head":
+        return "lm_head.weight"
+    if ours in ("embed", "final_norm"):
+        return prefix + ("embed_tokens.weight" if ours == "embed" else "norm.weight")
+    _, i, part = ours.split(".", 2)
+    hf_part = {v: k for k, v in {**_COMMON, **_LAYER_NAMES[family]}.items()}[part]
+    return f"{prefix}layers.{i}.{hf_part}.weight"
+
+
 def shard_files(folder: str) -> list[str]:
     """The safetensors files of a folder: from the index when sharded, else model.safetensors."""
     index = os.path.join(folder, "model.safetensors.index.json")
@@ -86,13 +97,16 @@ def load_hf(folder: str) -> tuple[GemmaConfig, dict[str, Tensor]]:
         raise CheckpointError(f"{config_path}: {e}") from None
     except RecursionError:  # json recurses: 10^5 nested lists
         raise CheckpointError(f"{config_path}: JSON nested too deeply to be a config") from None
-    tensors, origin = {}, {}
+    tensors, origin, prefix = {}, {}, "model."
     for path in shard_files(folder):
-        for hf_name, t in load_safetensors(path).items():
-            name = our_name(hf_name, config.family)
+        for name_in_file, t in load_safetensors(path).items():
+            name = our_name(name_in_file, config.family)
             if name is not None:
-                tensors[name], origin[name] = t, f"'{hf_name}' in {os.path.basename(path)}"
+                tensors[name], origin[name] = t, f"'{name_in_file}' in {os.path.basename(path)}"
+                if name != "lm_head":  # the text model's prefix, to spell a missing tensor
+                    prefix = _PREFIX.match(name_in_file).group(0)
     if "lm_head" in tensors and config.tie_word_embeddings:
         del tensors["lm_head"]  # tied: the embedding is the head
-    check_weights(tensors, config, folder, origin)
+    check_weights(tensors, config, folder, origin,
+                  lambda ours: hf_name(ours, config.family, prefix))
     return config, tensors

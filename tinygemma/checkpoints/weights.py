@@ -23,6 +23,8 @@ Norm weights hold ``w`` of ``(1 + w)``, the Hugging Face convention.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..config import GemmaConfig
@@ -136,10 +138,11 @@ def expected_shapes(c: GemmaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_weights(tensors: dict[str, Tensor], c: GemmaConfig, source: str,
-                  origin: dict[str, str]) -> None:
+                  origin: dict[str, str], spell: Callable[[str], str]) -> None:
     """Every expected tensor is present with the shape the config implies.
 
-    Errors name the tensor as the checkpoint spells it (``origin`` maps our names to those).
+    Errors name the tensor as the checkpoint spells it: ``origin`` maps our names to those of
+    the tensors present, ``spell`` gives the name a missing one would have had.
     """
     present = {int(n.split(".")[1]) for n in tensors if n.startswith("layers.")}
     missing = next((i for i in range(c.num_layers) if i not in present), None)
@@ -148,7 +151,8 @@ def check_weights(tensors: dict[str, Tensor], c: GemmaConfig, source: str,
                               f"have no tensor of layer {missing}")
     for name, shape in expected_shapes(c).items():
         if name not in tensors:
-            raise CheckpointError(f"{source}: tensor {name!r} (tinygemma's name) is missing")
+            raise CheckpointError(f"{source}: tensor {spell(name)!r} is missing "
+                                  f"(tinygemma's {name!r})")
         if tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"{source}: tensor {origin.get(name, repr(name))} has shape "
                                   f"{list(tensors[name].shape)}, the config implies {list(shape)}")
