@@ -69,8 +69,10 @@ def test_corrupt_tokenizer_model(tmp_path):
     folder = write_hf(tmp_path / "m")
     (folder / "tokenizer.model").write_bytes(b"\x00junk" * 50)
     model = tg.load(folder)
-    with clear_error(ValueError, "tokenizer.model", "not a valid SentencePiece model"):
+    with clear_error(ValueError, "tokenizer.model", "not a valid SentencePiece model",
+                     "250 bytes") as info:
         model.tokenizer
+    assert ".cc" not in str(info.value)  # no C++ source location from sentencepiece
 
 
 def test_not_a_checkpoint(tmp_path):

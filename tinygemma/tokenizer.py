@@ -223,8 +223,9 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(model_proto)
-        except Exception as e:  # sentencepiece raises RuntimeError/OSError with C++ text
-            raise ValueError(f"{source}: not a valid SentencePiece model ({e})") from None
+        except Exception:  # sentencepiece's RuntimeError/OSError says only where in its C++
+            raise ValueError(f"{source}: not a valid SentencePiece model ({len(model_proto)} "
+                             "bytes that do not parse as one)") from None
         self.model_proto = bytes(model_proto)
         n = self.sp.get_piece_size()
         self._pieces = self.sp.id_to_piece(list(range(n)))
