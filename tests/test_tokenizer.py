@@ -285,6 +285,25 @@ def test_from_file_on_our_proto_equals_from_gguf(tok, ref, tmp_path):
         assert other.decode(e["ids"]) == e["decode"]
 
 
+def test_piece_kind_and_score_are_the_vocabulary_s(tok, metadata):
+    """piece_kind and piece_score: the GGUF's types and scores; SentencePiece's own view of the
+    types agrees except for user-defined pieces, which it cannot tell from normal ones."""
+    import collections
+    sp = tok.sp
+    kinds = collections.Counter(tok.piece_kind(i) for i in range(tok.vocab_size))
+    assert kinds["byte"] == 256 and kinds["unknown"] == 1 and kinds["control"] > 0
+    assert sum(kinds.values()) == tok.vocab_size
+    for i in range(0, tok.vocab_size, 61):
+        kind = tok.piece_kind(i)
+        sp_kind = ("control" if sp.is_control(i) else "byte" if sp.is_byte(i) else "unknown"
+                   if sp.is_unknown(i) else "unused" if sp.is_unused(i) else "normal")
+        assert sp_kind == ("normal" if kind == "user_defined" else kind), i
+        assert tok.piece_score(i) == np.float32(metadata["tokenizer.ggml.scores"][i]), i
+    assert tok.piece_kind(tok.start_of_turn_id) == "control"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.piece_score(tok.vocab_size)
+
+
 def test_from_gguf_path_equals_from_metadata(tok, gguf_path):
     other = Tokenizer.from_gguf(gguf_path)
     assert other.model_proto == tok.model_proto

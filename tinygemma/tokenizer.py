@@ -45,6 +45,8 @@ __all__ = ["Tokenizer", "StreamDecoder", "build_model_proto", "render_chat"]
 # SentencePiece piece types (sentencepiece_model.proto, ModelProto.SentencePiece.Type).
 # GGUF's tokenizer.ggml.token_type uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+KIND_NAMES = {NORMAL: "normal", UNKNOWN: "unknown", CONTROL: "control",
+              USER_DEFINED: "user_defined", UNUSED: "unused", BYTE: "byte"}
 
 SPACE = "\u2581"  # '▁', SentencePiece's spelling of a space
 
@@ -297,6 +299,7 @@ class Tokenizer:
         """What each id decodes to, which ids are special, and how to find specials in text."""
         if len(types) != len(self._pieces):
             raise ValueError(f"{len(types)} piece types for {len(self._pieces)} pieces")
+        self._types = bytes(types)  # one byte per id: SentencePiece's piece type
         special = [i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)]
         self._special_text = {i: special_text.get(i, self._pieces[i]) for i in special}
         self._special_ids = frozenset(special)
@@ -384,6 +387,16 @@ class Tokenizer:
     def piece_to_id(self, piece: str) -> int | None:
         """The id of a piece (SentencePiece spelling, or a special's text), None if absent."""
         return self._id_of(piece)
+
+    def piece_kind(self, i: int) -> str:
+        """What id ``i`` is: "normal", "control", "byte", "unknown", "user_defined" or "unused"
+        (SentencePiece's piece types; a tokenizer.model reports user-defined pieces as normal)."""
+        return KIND_NAMES[self._types[self._check_id(i)]]
+
+    def piece_score(self, i: int) -> float:
+        """The BPE score of id ``i``: encoding merges first the pair that makes the
+        highest-scoring piece."""
+        return float(self.sp.GetScore(self._check_id(i)))
 
     def save_model(self, path: str | os.PathLike) -> None:
         """Write the SentencePiece model as a ``tokenizer.model`` file."""
