@@ -106,6 +106,18 @@ def test_decode_real_demo_tensors_bit_for_bit(demo):
     assert {"Q8_0", "Q5_0", "Q4_K", "Q6_K"} <= seen
 
 
+def test_q4_k_panels_hold_two_weights_a_byte():
+    """Q4_K's 4-bit values: two a byte in the panels (0.5 byte a weight, plus float32 scale and
+    shift per 32), and the weights read back are still gguf.quants' bit for bit."""
+    t = make_tensor(Q.Q4_K, 48, 512, np.random.default_rng(0))
+    p = K.Packed(t)
+    assert p.q.dtype == np.uint8 and p.q.shape == (3, 256, 16)
+    assert p.nbytes == 48 * 512 * (0.5 + 8 / 32)
+    out = np.empty((48, 512), np.float32)
+    p.decode(0, 48, out)
+    assert np.array_equal(out, t.f32())
+
+
 # ---- matvec: x W^T to float32 rounding ------------------------------------------------------
 def assert_close_products(got, x, w):
     """``got == x @ w.T`` up to float32 rounding of the sums (bound: sum of |x_j w_j|)."""

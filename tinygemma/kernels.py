@@ -45,6 +45,7 @@ Block layouts (from ggml; ``d``, ``dmin`` are float16 scales)::
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -132,6 +133,35 @@ def _as_f32_impl(v):
     if v == types.int16:
         return lambda v: _half16(np.uint16(v))
     return lambda v: f32(v)
+
+
+# A panel holds one int8 per weight, or for 4-bit types (Q4_K) two weights per uint8: the
+# weight at position c in the low nibble of byte c // 2 when c is even, in the high one if odd.
+def _q_at(qp, p, c, lane):
+    """The weight at position ``c`` of lane ``lane`` in panel ``p``, as float32."""
+
+
+@overload(_q_at)
+def _q_at_impl(qp, p, c, lane):
+    if qp.dtype == types.uint8:
+        return lambda qp, p, c, lane: f32((qp[p, c >> 1, lane] >> (4 * (c & 1))) & 15)
+    return lambda qp, p, c, lane: f32(qp[p, c, lane])
+
+
+def _q_put(qp, p, c, lane, v):
+    """Store weight ``v`` at position ``c`` (a nibble panel must start zeroed)."""
+
+
+@overload(_q_put)
+def _q_put_impl(qp, p, c, lane, v):
+    if qp.dtype == types.uint8:
+        def put(qp, p, c, lane, v):
+            qp[p, c >> 1, lane] |= np.uint8((v & 15) << (4 * (c & 1)))
+        return put
+
+    def put_int8(qp, p, c, lane, v):
+        qp[p, c, lane] = v
+    return put_int8
 
 
 @njit(inline="always", fastmath=FAST)
@@ -333,6 +363,8 @@ def quantize_int8_g32(w, q, scale):
 # busy), so inside each span of four groups the columns are stored in the order the loop reads
 # them, column ``G k + j`` of the span at ``4 j + k``: the matvec reads memory front to back.
 # Scales that are float16 in the file (Q8_0, Q5_0, Q4_0) stay float16 (int16 bits), 2 bytes.
+# Q4_K's values, 0 to 15, are stored two a byte (``_q_at``): the same loop, a shift and a mask
+# more per byte, half the bytes (0.75 bytes a weight with the scales, against 1.25 as int8).
 # Measured on the demo's LM head (Q8_0, 2 threads): 5.8 ms against 6.4 ms for the row-major
 # kernel, and 11.7 -> 6.3 ms on one thread (docs/performance.md).
 
@@ -351,7 +383,8 @@ def _group_at(b, G, nb):
 @njit(**JIT)
 def to_panels(q, scale, shift, has_shift, r0, qp, sp, hp):
     """Rows ``r0 + i`` of unpacked ``q [rows, n]``, ``scale``, ``shift [rows, n / G]`` into
-    panels ``qp [P, n, 16]``, ``sp``, ``hp [P, n / G, 16]`` (``r0`` a multiple of 16)."""
+    panels ``qp [P, n, 16]`` (int8; or uint8 ``[P, n / 2, 16]``, zeroed, for 4-bit ``q``),
+    ``sp``, ``hp [P, n / G, 16]`` (``r0`` a multiple of 16)."""
     n, nb = q.shape[1], scale.shape[1]
     G = n // nb
     for i in range(q.shape[0]):
@@ -359,7 +392,7 @@ def to_panels(q, scale, shift, has_shift, r0, qp, sp, hp):
         for b in range(nb):
             start, step = _group_at(b, G, nb)
             for j in range(G):
-                qp[p, start + step * j, lane] = q[i, G * b + j]
+                _q_put(qp, p, start + step * j, lane, q[i, G * b + j])
             sp[p, b, lane] = scale[i, b]
             if has_shift:
                 hp[p, b, lane] = shift[i, b]
@@ -368,7 +401,7 @@ def to_panels(q, scale, shift, has_shift, r0, qp, sp, hp):
 @njit(**JIT)
 def decode_panels(qp, sp, hp, has_shift, r0, r1, out):
     """Rows ``[r0, r1)`` as float32: ``w = scale * q - shift``, bit for bit the unpacked weights."""
-    n, nb = qp.shape[1], sp.shape[1]
+    n, nb = out.shape[1], sp.shape[1]
     G = n // nb
     for r in range(r0, r1):
         p, lane = r // PANEL, r % PANEL
@@ -377,7 +410,7 @@ def decode_panels(qp, sp, hp, has_shift, r0, r1, out):
             s = _as_f32(sp[p, b, lane])
             m = hp[p, b, lane] if has_shift else f32(0)
             for j in range(G):
-                out[r - r0, G * b + j] = s * f32(qp[p, start + step * j, lane]) - m
+                out[r - r0, G * b + j] = s * _q_at(qp, p, start + step * j, lane) - m
 
 
 @njit(inline="always", fastmath=FAST)
@@ -394,10 +427,10 @@ def _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, G, acc):
             x0, x1, x2, x3 = x[t, o + j], x[t, o + G + j], x[t, o + 2 * G + j], x[t, o + 3 * G + j]
             c = o + 4 * j  # the four columns o + j, o + G + j, ... stored side by side
             for lane in range(PANEL):
-                acc[lane] += f32(qp[p, c, lane]) * x0
-                acc[16 + lane] += f32(qp[p, c + 1, lane]) * x1
-                acc[32 + lane] += f32(qp[p, c + 2, lane]) * x2
-                acc[48 + lane] += f32(qp[p, c + 3, lane]) * x3
+                acc[lane] += _q_at(qp, p, c, lane) * x0
+                acc[16 + lane] += _q_at(qp, p, c + 1, lane) * x1
+                acc[32 + lane] += _q_at(qp, p, c + 2, lane) * x2
+                acc[48 + lane] += _q_at(qp, p, c + 3, lane) * x3
         for lane in range(PANEL):
             acc[64 + lane] += ((_as_f32(sp[p, b, lane]) * acc[lane]
                                 + _as_f32(sp[p, b + 1, lane]) * acc[16 + lane])
@@ -412,7 +445,7 @@ def _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, G, acc):
         acc[:16] = 0
         for j in range(G * b, G * b + G):
             for lane in range(PANEL):
-                acc[lane] += f32(qp[p, j, lane]) * x[t, j]
+                acc[lane] += _q_at(qp, p, j, lane) * x[t, j]
         for lane in range(PANEL):
             acc[64 + lane] += _as_f32(sp[p, b, lane]) * acc[lane]
             if has_shift:
@@ -424,7 +457,7 @@ def _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, G, acc):
 def matvec_panels(qp, sp, hp, has_shift, x, y):
     """``y[t] = W x[t]`` for W in panels (``w = scale * q - shift``, groups of 32 or 16);
     parallel over panels, float32 sums."""
-    P, n, _ = qp.shape
+    P, n = qp.shape[0], x.shape[1]
     nb, T, R = sp.shape[1], x.shape[0], y.shape[1]
     G = n // nb
     xs = np.zeros((T, nb), np.float32)  # x summed per group, for the shifts
@@ -462,10 +495,21 @@ def matvec_stored(w, x, y):
 
 # Read as stored (matvec_stored, decode_stored): kind -> the type its values are viewed as.
 STORED = {"bf16": np.uint16, "f16": np.int16, "f32": np.float32}
-# Unpacked once into panels: kind -> (unpack, weights per group, has a shift, float16 scales).
-UNPACKED = {"Q8_0": (unpack_q8_0, 32, False, True), "Q5_0": (unpack_q5_0, 32, False, True),
-            "Q4_0": (unpack_q4_0, 32, False, True), "Q4_K": (unpack_q4_k, 32, True, False),
-            "Q5_K": (unpack_q5_k, 32, True, False), "Q6_K": (unpack_q6_k, 16, False, False)}
+class Unpacking(NamedTuple):
+    unpack: object  # unpack_*: stored blocks -> int8 q, scale, shift per group, row-major
+    group: int  # weights per scale
+    shift: bool  # w = scale * q - shift (the k-quants' minimums), else w = scale * q
+    f16_scale: bool  # the scales are float16 as stored: keep them so (2 bytes instead of 4)
+    nibbles: bool  # q in [0, 16): two per byte in the panels
+
+
+# Unpacked once into panels, by kind.
+UNPACKED = {"Q8_0": Unpacking(unpack_q8_0, 32, False, True, False),
+            "Q5_0": Unpacking(unpack_q5_0, 32, False, True, False),
+            "Q4_0": Unpacking(unpack_q4_0, 32, False, True, False),
+            "Q4_K": Unpacking(unpack_q4_k, 32, True, False, True),
+            "Q5_K": Unpacking(unpack_q5_k, 32, True, False, False),
+            "Q6_K": Unpacking(unpack_q6_k, 16, False, False, False)}
 FORMATS = sorted(STORED) + sorted(UNPACKED)
 
 
@@ -491,13 +535,13 @@ class Packed:
             def fill(r0, r1, q, scale, shift):  # float32 rows, rounded to int8 per group of 32
                 decode_stored(w, r0, r1, tile[: r1 - r0])
                 quantize_int8_g32(tile[: r1 - r0], q, scale)
-            self._panels(data, fill, 32, has_shift=False, f16_scale=False)
+            self._panels(data, fill, Unpacking(None, 32, False, False, False))
         elif kind in STORED:
             self.data = data.view(STORED[kind])
         elif kind in UNPACKED:
-            unpack, group, has_shift, f16_scale = UNPACKED[kind]
-            self._panels(data, lambda r0, r1, q, scale, shift: unpack(data[r0:r1], q, scale, shift),
-                         group, has_shift, f16_scale)
+            how = UNPACKED[kind]
+            self._panels(data, lambda r0, r1, q, scale, shift: how.unpack(data[r0:r1], q, scale,
+                                                                          shift), how)
         else:
             raise ValueError(f"no fast kernel for weights of type {kind}; load with fast=False")
 
@@ -505,15 +549,19 @@ class Packed:
         """Rows unpacked at a time: a multiple of 16, about ``TILE_ELEMS`` weights."""
         return max(PANEL, TILE_ELEMS // self.shape[1] // PANEL * PANEL)
 
-    def _panels(self, data, fill, group: int, has_shift: bool, f16_scale: bool) -> None:
+    def _panels(self, data, fill, how: Unpacking) -> None:
         """Panels from ``fill(r0, r1, q, scale, shift)``, which writes rows ``[r0, r1)``
         unpacked (row-major, float32 scales), a tile of rows at a time. The stored rows are
         read once: each tile's pages of a memory-mapped file then leave this process's RSS
         (the embedding lookup reads its few rows from the file again)."""
         rows, cols = self.shape
-        P, ng = -(-rows // PANEL), cols // group
+        P, ng = -(-rows // PANEL), cols // how.group
+        has_shift, f16_scale = how.shift, how.f16_scale
         self.has_shift = has_shift
-        self.q = np.empty((P, cols, PANEL), np.int8)
+        if how.nibbles:  # zeroed: to_panels ORs the nibbles in
+            self.q = np.zeros((P, cols // 2, PANEL), np.uint8)
+        else:
+            self.q = np.empty((P, cols, PANEL), np.int8)
         self.scale = np.empty((P, ng, PANEL), np.int16 if f16_scale else np.float32)
         self.shift = np.empty((P, ng, PANEL) if has_shift else (1, 1, 1), np.float32)
         for a in (self.q, self.scale, self.shift):
@@ -536,7 +584,7 @@ class Packed:
         twice). None unless all are panels alike (columns, groups, scale type, shift) and all
         but the last have whole panels (rows a multiple of 16)."""
         first = parts[0]
-        if any(p.kind in STORED or p.shape[1] != first.shape[1]
+        if any(p.kind in STORED or p.shape[1] != first.shape[1] or p.q.dtype != first.q.dtype
                or p.scale.shape[1] != first.scale.shape[1] or p.scale.dtype != first.scale.dtype
                or p.has_shift != first.has_shift for p in parts):
             return None
