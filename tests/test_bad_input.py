@@ -194,7 +194,8 @@ def test_config_has_more_layers_than_the_weights(tmp_path):
     (3, "model.layers.1.self_attn.k_norm.weight", "model."),
     (3, "model.language_model.layers.0.self_attn.q_proj.weight", "model.language_model."),
     (2, "model.layers.1.pre_feedforward_layernorm.weight", "model."),
-    (1, "model.norm.weight", "model.")])
+    (1, "model.norm.weight", "model."),
+    (3, "layers.1.mlp.up_proj.weight", "")])  # no prefix at all: loads, and is spelled so
 def test_config_expects_a_missing_tensor(tmp_path, family, hf, prefix):
     """The error spells the missing tensor as the checkpoint would (with its prefix)."""
     weights = random_tensors(tiny_config(family))

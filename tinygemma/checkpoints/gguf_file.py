@@ -26,6 +26,8 @@ _LAYER_PARTS = {"attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v"
                 "post_attention_norm": "post_attn_norm", "ffn_norm": "mlp_norm",
                 "post_ffw_norm": "post_mlp_norm", "ffn_gate": "gate", "ffn_up": "up",
                 "ffn_down": "down"}
+_GLOBAL_GGUF = {ours: name for name, ours in _GLOBAL.items()}
+_LAYER_PARTS_GGUF = {ours: name for name, ours in _LAYER_PARTS.items()}
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 _FAMILY = {"gemma": 1, "gemma2": 2, "gemma3": 3}
 
@@ -133,11 +135,10 @@ def _our_name(name: str) -> str | None:
 
 def _gguf_name(ours: str) -> str:
     """The GGUF name of one of ours (the inverse of ``_our_name``; for errors)."""
-    named = {v: k for k, v in _GLOBAL.items()}
-    if ours in named:
-        return named[ours] + ".weight"
+    if ours in _GLOBAL_GGUF:
+        return _GLOBAL_GGUF[ours] + ".weight"
     _, i, part = ours.split(".", 2)
-    return f"blk.{i}.{ {v: k for k, v in _LAYER_PARTS.items()}[part] }.weight"
+    return f"blk.{i}.{_LAYER_PARTS_GGUF[part]}.weight"
 
 
 def load_gguf(path: str):

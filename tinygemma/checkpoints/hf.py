@@ -51,7 +51,7 @@ def hf_name(ours: str, family: int, prefix: str = "model.") -> str:
     if ours in ("embed", "final_norm"):
         return prefix + ("embed_tokens.weight" if ours == "embed" else "norm.weight")
     _, i, part = ours.split(".", 2)
-    hf_part = {v: k for k, v in {**_COMMON, **_LAYER_NAMES[family]}.items()}[part]
+    hf_part = {ours: hf for hf, ours in {**_COMMON, **_LAYER_NAMES[family]}.items()}[part]
     return f"{prefix}layers.{i}.{hf_part}.weight"
 
 
@@ -104,7 +104,8 @@ def load_hf(folder: str) -> tuple[GemmaConfig, dict[str, Tensor]]:
             if name is not None:
                 tensors[name], origin[name] = t, f"'{name_in_file}' in {os.path.basename(path)}"
                 if name != "lm_head":  # the text model's prefix, to spell a missing tensor
-                    prefix = _PREFIX.match(name_in_file).group(0)
+                    m = _PREFIX.match(name_in_file)
+                    prefix = m.group(0) if m else ""
     if "lm_head" in tensors and config.tie_word_embeddings:
         del tensors["lm_head"]  # tied: the embedding is the head
     check_weights(tensors, config, folder, origin,
