@@ -460,12 +460,14 @@ def matvec_panels(qp, sp, hp, has_shift, x, y):
     P, n = qp.shape[0], x.shape[1]
     nb, T, R = sp.shape[1], x.shape[0], y.shape[1]
     G = n // nb
-    xs = np.zeros((T, nb), np.float32)  # x summed per group, for the shifts
-    if has_shift:
+    xs = np.empty((T, nb), np.float32)  # x summed per group, for the shifts (np.zeros would
+    if has_shift:                       # be one more parallel region: a thread launch)
         for t in range(T):
             for b in range(nb):
+                total = f32(0)
                 for j in range(G * b, G * b + G):
-                    xs[t, b] += x[t, j]
+                    total += x[t, j]
+                xs[t, b] = total
     for p in prange(P):
         acc = _lanes()
         for t in range(T):
@@ -712,7 +714,7 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, threads, out):
     S = pos0 + T - first  # keys [first, pos0 + T)
     P = max(1, min(threads // K, S // KEYS_PER_PART))  # key ranges per KV head
     maxes, sums = np.empty((K * P, n), np.float32), np.empty((K * P, n), np.float32)
-    parts = np.zeros((K * P, n, d), np.float32)  # each range's sum_s exp(.) v_s
+    parts = np.empty((K * P, n, d), np.float32)  # each range's sum_s exp(.) v_s
     for task in prange(K * P):
         kh, r = task // P, task % P
         s0, s1 = first + r * S // P, first + (r + 1) * S // P  # this range's keys [s0, s1)
@@ -730,6 +732,9 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, threads, out):
             maxes[task, i], sums[task, i] = _exp_span(e[i], max(lo, s0) - s0, min(p + 1, s1) - s0,
                                                       scale, cap)
         o = parts[task]
+        for i in range(n):  # loops, not o[:] = 0 or np.zeros: each would be a parallel region
+            for j in range(d):
+                o[i, j] = 0
         for s in range(s0, s1):  # exp(.) . v, value row s read once for the group
             val = v[kh, s]
             for i in range(n):
@@ -737,22 +742,30 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, threads, out):
                 if w != 0:
                     for j in range(d):
                         o[i, j] += w * val[j]
-    for kh in range(K):  # the softmax over all the ranges
+    for kh in range(K):
         for i in range(n):
-            m = f32(-np.inf)
-            for r in range(P):
-                m = max(m, maxes[kh * P + r, i])
-            res = out[kh * G + i // T, i % T]
-            res[:] = 0
-            total = f32(0)
-            for r in range(P):
-                if sums[kh * P + r, i] > 0:  # a range with keys this query sees
-                    c = _exp(maxes[kh * P + r, i] - m)
-                    total += c * sums[kh * P + r, i]
-                    for j in range(d):
-                        res[j] += c * parts[kh * P + r, i, j]
-            for j in range(d):
-                res[j] = res[j] / total
+            _merge_ranges(maxes[kh * P:(kh + 1) * P, i], sums[kh * P:(kh + 1) * P, i],
+                          parts[kh * P:(kh + 1) * P, i], out[kh * G + i // T, i % T])
+
+
+@njit(inline="always", fastmath=FAST)
+def _merge_ranges(maxes, sums, parts, out):
+    """The softmax over all of a query's key ranges: ``out = sum_r c_r parts_r / sum_r c_r
+    sums_r`` with ``c_r = exp(max_r - max)``, each range rescaled to the overall max."""
+    m = f32(-np.inf)
+    for r in range(maxes.shape[0]):
+        m = max(m, maxes[r])
+    for j in range(out.shape[0]):  # a loop, not out[:] = 0: that would be a parallel region
+        out[j] = 0
+    total = f32(0)
+    for r in range(maxes.shape[0]):
+        if sums[r] > 0:  # a range with keys this query sees
+            c = _exp(maxes[r] - m)
+            total += c * sums[r]
+            for j in range(out.shape[0]):
+                out[j] += c * parts[r, j]
+    for j in range(out.shape[0]):
+        out[j] = out[j] / total
 
 
 @njit(fastmath=FAST, **JIT)
