@@ -75,7 +75,7 @@ kind_id = lambda k: k.name if isinstance(k, Q) else k  # noqa: E731
 
 # ---- decoders: bit for bit the reference weights ------------------------------------------
 @pytest.mark.parametrize("kind", KINDS, ids=kind_id)
-@pytest.mark.parametrize("rows, blocks", [(1, 1), (37, 2), (130, 3)])
+@pytest.mark.parametrize("rows, blocks", [(1, 1), (37, 2), (130, 3), (40, 5)])
 def test_decode_equals_reference_bit_for_bit(kind, rows, blocks):
     rng = np.random.default_rng(rows)
     per = BLOCK[kind][0] if isinstance(kind, Q) else 32
@@ -158,8 +158,9 @@ def test_fast_linear_every_T(kind, T, monkeypatch):
     ((Q.Q6_K, Q.Q6_K), (48, 80), True),  # groups of 16
     ((Q.Q5_0, Q.Q4_K), (64, 64), False),  # shift / no shift: one matvec each
     ((Q.Q8_0, Q.Q8_0), (40, 32), False),  # 40 rows: a part-filled panel inside the stack
+    ((Q.Q8_0, Q.Q5_0), (32, 40), True),  # the part-filled panel last: allowed
     (("bf16", "bf16"), (32, 32), False),  # read as stored
-], ids=["q5_0+q8_0", "q4_k", "q6_k", "mixed", "ragged", "bf16"])
+], ids=["q5_0+q8_0", "q4_k", "q6_k", "mixed", "ragged", "ragged_last", "bf16"])
 @pytest.mark.parametrize("T", [1, 3])
 def test_projections_stacked_equal_linear(kinds, rows, stacked, T):
     """FastGemma.projections: one matvec over the stacked matrices equals a linear per matrix,
@@ -207,7 +208,7 @@ def test_attend_kernel_equals_reference(H, Kv, window, cap, block, monkeypatch):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("H, Kv, T", [(4, 1, 1), (4, 1, 3), (4, 2, 2), (2, 2, 1)])
-@pytest.mark.parametrize("window, cap", [(0, 0.0), (150, 0.0), (0, 30.0), (1, 0.0)])
+@pytest.mark.parametrize("window, cap", [(0, 0.0), (150, 0.0), (0, 30.0), (1, 0.0), (150, 30.0)])
 def test_attend_cache_splits_keys_over_threads(threads, H, Kv, T, window, cap):
     """With more threads than KV heads, each head's keys are split in ranges, one per thread,
     and the ranges' softmax sums merged: the result is ``layers.attention``'s. 300 keys, so
@@ -326,6 +327,27 @@ def test_tiny_model_fast_equals_reference(family, kind, keep):
         assert np.abs(got[0] - want[j]).max() <= 1e-4 * scale, j
 
 
+@pytest.mark.parametrize("family", [2, 3])
+def test_tiny_model_long_cache_decode_equals_reference(family):
+    """Decoding over 200 cached positions: FastGemma.attend splits the keys in ranges (at
+    least KEYS_PER_PART each) and merges them; the logits are the reference's. Gemma 2 soft-caps
+    and both slide a window over part of the cache."""
+    extra = {2: dict(family=2, qk_norm=False, attn_logit_softcap=50.0, final_logit_softcap=30.0),
+             3: {}}[family]
+    c = tiny_config(sliding_window=150, max_position_embeddings=512, **extra)
+    tensors = tiny_weights(c, Q.Q8_0, seed=family)
+    ref, fast = Gemma(c, Weights(tensors)), K.FastGemma(c, Weights(tensors))
+    fast.threads = 3  # key ranges whatever this machine's cores: the result must not depend on it
+    ids = np.random.default_rng(family).integers(0, c.vocab_size, 204)
+    want = ref.forward(ids)
+    cache = fast.new_cache(len(ids))
+    fast.forward(ids[:200], cache=cache)
+    assert (cache.pos - 1) // K.KEYS_PER_PART >= 3
+    for j in range(200, len(ids)):
+        got = fast.forward(ids[j:j + 1], cache=cache, last_only=True)
+        assert np.abs(got[0] - want[j]).max() <= 1e-4 * np.abs(want[j]).max(), j
+
+
 def test_fast_is_the_default_and_switchable(demo_path):
     import tinygemma as tg
     assert isinstance(tg.load(demo_path), K.FastGemma)
@@ -435,19 +457,19 @@ def weights_of(packed: K.Packed) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("kind", ["bf16", "f32"])
+@pytest.mark.parametrize("kind", ["bf16", "f16", "f32"])
 def test_int8_quantisation(kind):
     """quantize="int8": weights within half a step of the original per group of 32, and the
-    model computes with exactly those weights."""
+    model computes with exactly those weights, in prefill and in decode."""
     rng = np.random.default_rng(5)
-    t = make_tensor(kind, 70, 96, rng)
+    t = make_tensor(kind, 70, 160, rng)  # 5 groups: a span of four and one after
     p = K.Packed(t, quantize="int8")
     assert p.kind == "int8" and p.q.dtype == np.int8
-    w, got = t.f32(), np.empty((70, 96), np.float32)
+    w, got = t.f32(), np.empty((70, 160), np.float32)
     p.decode(0, 70, got)
-    step = np.abs(w).reshape(70, 3, 32).max(-1, keepdims=True) / 127
-    assert np.all(np.abs(got - w).reshape(70, 3, 32) <= step / 2 * (1 + 1e-5))
-    x = rng.standard_normal((2, 96)).astype(np.float32)
+    step = np.abs(w).reshape(70, 5, 32).max(-1, keepdims=True) / 127
+    assert np.all(np.abs(got - w).reshape(70, 5, 32) <= step / 2 * (1 + 1e-5))
+    x = rng.standard_normal((2, 160)).astype(np.float32)
     y = np.empty((2, 70), np.float32)
     p.matvec(x, y)
     assert_close_products(y, x, got)
@@ -460,6 +482,12 @@ def test_int8_quantisation(kind):
                    else t) for n, t in tensors.items()}
     want = Gemma(c, Weights(decoded)).forward(ids)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    cache = fast.new_cache(len(ids))  # decode: the int8 panels, q/k/v and gate/up stacked
+    fast.forward(ids[:6], cache=cache)
+    for j in range(6, len(ids)):
+        step = fast.forward(ids[j:j + 1], cache=cache, last_only=True)
+        assert np.abs(step[0] - want[j]).max() <= 1e-4 * np.abs(want).max(), j
+    assert fast._stacks[("layers.0.q", "layers.0.k", "layers.0.v")][0] is not None
 
 
 def test_bench_on_a_tiny_model():

@@ -6,13 +6,14 @@ reads every weight once; float32 copies would make it read 2x (bf16) to 7x (4-bi
 So the kernels read compact weights and decode them in registers, inside the dot product:
 
 * :class:`Packed`: a matrix in the form the kernels read. bf16, float16 and float32 are read
-  as stored, memory-mapped. The GGUF block types (Q8_0, Q5_0, Q4_0, Q4_K,
-  Q5_K, Q6_K) are unpacked once, when first used, to one int8 per weight plus group scales
-  (``w = scale * q - shift``), in panels of 16 rows stored side by side (``to_panels``):
-  unpacking 5- or 6-bit fields inside the matvec costs more instructions per weight than the
-  2 cores can hide behind memory reads, and panels need fewer than rows.
+  as stored, memory-mapped. The GGUF block types (Q8_0, Q5_0, Q4_0, Q4_K, Q5_K, Q6_K) are
+  unpacked once, when first used, to one int8 per weight (two 4-bit values a byte for Q4_K)
+  plus group scales (``w = scale * q - shift``), in panels of 16 rows stored side by side
+  (``to_panels``): unpacking 5- or 6-bit fields inside the matvec costs more instructions per
+  weight than the 2 cores can hide behind memory reads, and over panels the matvec needs
+  fewer instructions per weight than over rows.
 * ``matvec_panels``, ``matvec_stored``: ``y[t] = W x[t]`` for a few tokens ``t``
-  (decode), parallel over output rows (``prange``), float32 accumulation. The weights they
+  (decode), parallel over panels or chunks of rows (``prange``), float32 accumulation. The weights they
   multiply by are exactly those of the reference path; only the order of the additions
   differs (``fastmath`` reassociation, which lets LLVM vectorise the sums).
 * ``unpack_*``, ``decode_*``: exact, no fastmath; decoded rows are bit for bit
@@ -56,9 +57,10 @@ from numba.extending import intrinsic, overload
 
 from .model import Gemma, KVCache
 
-# Reassociation lets LLVM split a sum over SIMD lanes; it changes only the order of float32
-# additions (results move by rounding, far inside the test tolerance). No 'nnan'/'ninf': the
-# attention mask uses -inf.
+# Reassociation lets LLVM split a sum over SIMD lanes (the order of float32 additions);
+# contraction fuses a multiply-add (one rounding); 'arcp' may divide by multiplying with a
+# reciprocal; 'nsz' ignores the sign of zero. Results move by rounding, far inside the test
+# tolerance. No 'nnan'/'ninf': the attention mask uses -inf.
 FAST = {"reassoc", "contract", "nsz", "arcp"}
 # error_model="numpy": no check for division by zero, which would stop a loop vectorising.
 JIT = dict(cache=True, nogil=True, error_model="numpy")
@@ -190,9 +192,10 @@ def _exp(x):
 def _stack_lanes(typingctx):
     """128 float32 on the stack (uninitialised), as a pointer for ``carray``.
 
-    A matvec accumulates into 128 lanes. In an ``np.empty`` array (on the heap) LLVM must
-    load and store them at every step; on the stack, with constant indices, it keeps them in
-    eight SIMD registers, which made the Q8_0 LM head 1.9x faster."""
+    The panel matvec accumulates into 80 of them (four groups' 16 rows, and the rows' sums).
+    In an ``np.empty`` array (on the heap) LLVM must load and store them at every step; on
+    the stack, with constant indices, it keeps them in SIMD registers (that made the former
+    row-major Q8_0 LM head 1.9x faster)."""
     sig = types.CPointer(types.float32)()
 
     def codegen(context, builder, signature, args):
@@ -497,6 +500,8 @@ def matvec_stored(w, x, y):
 
 # Read as stored (matvec_stored, decode_stored): kind -> the type its values are viewed as.
 STORED = {"bf16": np.uint16, "f16": np.int16, "f32": np.float32}
+
+
 class Unpacking(NamedTuple):
     unpack: object  # unpack_*: stored blocks -> int8 q, scale, shift per group, row-major
     group: int  # weights per scale
@@ -519,8 +524,10 @@ class Packed:
     """One weight matrix ``[rows, cols]`` in the form the kernels read.
 
     bf16, float16 and float32 are read as stored (``data``). GGUF blocks, and bf16/f16/f32
-    with ``quantize="int8"``, become panels (see ``to_panels``): ``q`` int8 ``[P, cols, 16]``,
-    ``scale`` and, for Q4_K/Q5_K, ``shift`` ``[P, cols / G, 16]``, where ``P = ceil(rows / 16)``.
+    with ``quantize="int8"``, become panels (see ``to_panels``): ``q`` int8 ``[P, cols, 16]``
+    (uint8 ``[P, cols / 2, 16]``, two weights a byte, for Q4_K), ``scale`` (float16 bits as
+    int16 for Q8_0/Q5_0/Q4_0, else float32) and, for Q4_K/Q5_K, ``shift``
+    ``[P, cols / G, 16]``, where ``P = ceil(rows / 16)``.
     ``matvec(x, y)``: ``y[T, rows] = x[T, cols] W^T``; ``decode(r0, r1, out)``: rows
     ``[r0, r1)`` of W in float32, bit for bit the reference path's weights.
     """
@@ -537,7 +544,8 @@ class Packed:
             def fill(r0, r1, q, scale, shift):  # float32 rows, rounded to int8 per group of 32
                 decode_stored(w, r0, r1, tile[: r1 - r0])
                 quantize_int8_g32(tile[: r1 - r0], q, scale)
-            self._panels(data, fill, Unpacking(None, 32, False, False, False))
+            self._panels(data, fill, Unpacking(unpack=None, group=32, shift=False,
+                                               f16_scale=False, nibbles=False))
         elif kind in STORED:
             self.data = data.view(STORED[kind])
         elif kind in UNPACKED:
@@ -582,9 +590,10 @@ class Packed:
     @classmethod
     def stacked(cls, parts: list[Packed]) -> Packed | None:
         """Matrices of one input (q, k, v; gate, up) stacked into one, so that a single matvec
-        reads them all; each part then reads its rows of the stack (the panels are not kept
-        twice). None unless all are panels alike (columns, groups, scale type, shift) and all
-        but the last have whole panels (rows a multiple of 16)."""
+        reads them all. Each part's arrays are rebound to views of its rows of the stack, so
+        that the panels are not kept twice. None (and the parts left alone) unless all are
+        panels alike (columns, groups, value and scale types, shift) and all but the last
+        have whole panels (rows a multiple of 16)."""
         first = parts[0]
         if any(p.kind in STORED or p.shape[1] != first.shape[1] or p.q.dtype != first.q.dtype
                or p.scale.shape[1] != first.scale.shape[1] or p.scale.dtype != first.scale.dtype
@@ -861,8 +870,8 @@ _MALLOC_TUNED = False
 
 
 class FastGemma(Gemma):
-    """:class:`Gemma` with the projections, the cached attention, the norms and the GeGLU in
-    Numba kernels.
+    """:class:`Gemma` with the projections, the cached attention, the norms, RoPE and the
+    GeGLU in Numba kernels.
 
     Weights stay compact: bf16 and float16 are read as stored (memory-mapped), GGUF block
     types are unpacked to int8 panels + scales when first used (:class:`Packed`).
@@ -922,7 +931,7 @@ class FastGemma(Gemma):
             return y
         if self._f32 is not None and name.startswith("layers."):
             if name not in self._f32:
-                decoded = np.empty((rows, cols), np.float32)
+                decoded = self._tile_buffer(rows * cols)[: rows * cols].reshape(rows, cols)
                 w.decode(0, rows, decoded)
                 # kept as W^T, contiguous: BLAS multiplies by it 2-4% faster than by a W.T view
                 self._f32[name] = np.ascontiguousarray(decoded.T)  # [in, out]
