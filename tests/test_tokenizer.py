@@ -283,6 +283,9 @@ def test_from_file_on_our_proto_equals_from_gguf(tok, ref, tmp_path):
     for e in ref["corpus"]:
         assert other.encode(e["text"]) == e["ids"], e["text"][:40]
         assert other.decode(e["ids"]) == e["decode"]
+    user = [i for i in range(tok.vocab_size) if tok.piece_kind(i) == "user_defined"]
+    assert user and {other.piece_kind(i) for i in user} == {"normal"}  # SentencePiece can't tell
+    assert [other.piece_kind(i) for i in (0, 1, 2, 3)] == [tok.piece_kind(i) for i in (0, 1, 2, 3)]
 
 
 def test_piece_kind_and_score_are_the_vocabulary_s(tok, metadata):
