@@ -952,13 +952,13 @@ class FastGemma(Gemma):
         """For a few tokens, one matvec over the matrices stacked (``Packed.stacked``): q, k, v
         in one pass, gate and up in another. Each matvec costs ~9 us beyond its reads
         (starting the threads, and memory streams); this saves 3 of the 7 a layer."""
-        if len(x) > SMALL_T or any(getattr(self.weights.tensors[n], "kind", "f32") not in FORMATS
-                                   for n in names):
+        if len(x) > SMALL_T:
             return super().projections(x, *names)
-        if names not in self._stacks:
-            parts = [self._packed(n) for n in names]
-            bounds = np.cumsum([0] + [p.shape[0] for p in parts])
-            self._stacks[names] = (Packed.stacked(parts), bounds)
+        if names not in self._stacks:  # once: None when a part has no kernel or none fit
+            tensors = [self.weights.tensors[n] for n in names]
+            kernels = all(getattr(t, "kind", "f32") in FORMATS for t in tensors)
+            stack = Packed.stacked([self._packed(n) for n in names]) if kernels else None
+            self._stacks[names] = (stack, np.cumsum([0] + [t.shape[0] for t in tensors]))
         stack, bounds = self._stacks[names]
         if stack is None:
             return super().projections(x, *names)
