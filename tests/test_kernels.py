@@ -512,6 +512,9 @@ def test_types_without_a_kernel_use_the_reference():
     model = K.FastGemma(tiny_config(), Weights({"w": t}))
     x = rng.standard_normal((2, 256)).astype(np.float32)
     assert_close_products(model.linear(x, "w"), x, t.f32())
+    for y in model.projections(x, "w", "w"):  # no stack: one reference product each
+        assert_close_products(y, x, t.f32())
+    assert model._stacks[("w", "w")][0] is None
 
 
 def test_threads_env(monkeypatch):
