@@ -56,6 +56,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .model import Gemma, KVCache
+from .numba_cache import CACHE_DIR  # a writable cache folder, or None: decided before decorating
 
 # Reassociation lets LLVM split a sum over SIMD lanes (the order of float32 additions);
 # contraction fuses a multiply-add (one rounding); 'arcp' may divide by multiplying with a
@@ -63,7 +64,7 @@ from .model import Gemma, KVCache
 # tolerance. No 'nnan'/'ninf': the attention mask uses -inf.
 FAST = {"reassoc", "contract", "nsz", "arcp"}
 # error_model="numpy": no check for division by zero, which would stop a loop vectorising.
-JIT = dict(cache=True, nogil=True, error_model="numpy")
+JIT = dict(cache=CACHE_DIR is not None, nogil=True, error_model="numpy")
 f32 = np.float32
 
 SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, decoded tiles and BLAS

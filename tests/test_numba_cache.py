@@ -1,0 +1,82 @@
+"""No writable place for Numba's cache (read-only package and home): tinygemma still starts.
+
+For real, in a fresh process: a copy of the package in a folder that cannot be written, HOME
+in one too, NUMBA_CACHE_DIR unset. As root (who writes anywhere) the folder is made read-only
+by a read-only bind mount in a private mount namespace (``unshare -m``); otherwise by chmod.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import tinygemma
+
+# Compiles one small kernel and checks it by hand: rows of 2s have RMS 2, so the normalised
+# row is all ones and the output is the scale itself.
+PROBE = """
+import numpy as np
+from tinygemma import kernels, numba_cache
+x = np.full((2, 4), 2, np.float32)
+scale = np.array([1, 2, 3, 4], np.float32)
+out = np.empty_like(x)
+kernels.rms_norm_rows(x, scale, 0.0, out)
+assert np.allclose(out, scale), out
+print("cache:", numba_cache.CACHE_DIR)
+"""
+
+
+def run_read_only(tmp_path, tmpdir):
+    """Run PROBE on a read-only copy of the package with a read-only HOME."""
+    ro = tmp_path / "ro"
+    shutil.copytree(os.path.dirname(tinygemma.__file__), ro / "site" / "tinygemma",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (ro / "home").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update(HOME=str(ro / "home"), PYTHONPATH=str(ro / "site"), TMPDIR=str(tmpdir))
+    cmd = [sys.executable, "-c", PROBE]
+    if os.geteuid() == 0:
+        cmd = ["unshare", "-m", "sh", "-c", f'mount --bind -o ro "{ro}" "{ro}" && exec "$@"',
+               "sh", *cmd]
+    else:
+        for path in (ro / "site" / "tinygemma", ro / "home"):
+            path.chmod(0o555)
+    try:
+        return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        for path in (ro / "site" / "tinygemma", ro / "home"):
+            path.chmod(0o755)
+
+
+def test_read_only_package_and_home_cache_in_the_temp_dir(tmp_path):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    p = run_read_only(tmp_path, tmpdir)
+    assert p.returncode == 0, p.stderr[-2000:]
+    fallback = tmpdir / f"tinygemma-numba-{os.getuid()}"
+    assert p.stdout.strip() == f"cache: {fallback}"
+    notices = [line for line in p.stderr.splitlines() if line.startswith("tinygemma:")]
+    assert len(notices) == 1 and str(fallback) in notices[0], p.stderr
+    assert "NUMBA_CACHE_DIR" in notices[0]
+    # the compiled kernel landed there, in a folder only this user can write
+    assert glob.glob(str(fallback / "*" / "kernels.rms_norm_rows-*.nbi"))
+    assert stat.S_IMODE(fallback.stat().st_mode) == 0o700
+
+
+def test_temp_folder_of_another_user_is_not_used(tmp_path):
+    """The cache holds code Numba loads: a fallback folder anyone may write is refused, and
+    the kernels compile without a cache."""
+    tmpdir = tmp_path / "tmp"
+    planted = tmpdir / f"tinygemma-numba-{os.getuid()}"
+    planted.mkdir(parents=True)
+    planted.chmod(0o777)
+    p = run_read_only(tmp_path, tmpdir)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "cache: None"
+    assert "compiled at every start" in p.stderr and "NUMBA_CACHE_DIR" in p.stderr
+    assert os.listdir(planted) == []

@@ -1,0 +1,91 @@
+"""Where Numba caches the compiled kernels: decided before ``kernels.py`` decorates them.
+
+Numba compiles the kernels on first use (20-60 s) and caches the machine code, so later starts
+load it in about a second. It picks the cache folder when a kernel is decorated, trying in
+order ``NUMBA_CACHE_DIR``, the package's ``__pycache__`` and the user's cache (``~/.cache/numba``);
+with none of them writable (a read-only site-packages and home: a container, a service
+account) the import fails with "cannot cache function ...: no locator available". So the same
+places are tried here first; if none is writable, the cache goes to a folder of this user's
+under the temporary directory (``tempfile.gettempdir()``), and if that fails too the kernels
+are compiled at every start. Either fallback says so in one line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tempfile
+
+from numba import config
+from numba.misc.appdirs import AppDirs
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _writable(path: str) -> bool:
+    """Numba's own test (``_CacheLocator.ensure_cache_path``): make the folder, write a file."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+        return True
+    except OSError:
+        return False
+
+
+def _own_folder(path: str) -> bool:
+    """``path`` is a folder only this user can write (created so if missing).
+
+    The cache holds pickles that Numba loads, i.e. code: a folder in a shared temporary
+    directory that someone else made (or a symlink they planted) must not be used.
+    """
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o022:
+        return False
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return False
+    return _writable(path)
+
+
+def choose_cache_dir() -> str | None:
+    """The folder Numba will cache in (``None``: no cache), setting ``NUMBA_CACHE_DIR`` when
+    Numba's own choices are all read-only."""
+    user_cache = AppDirs(appname="numba", appauthor=False).user_cache_dir
+    for path in (config.CACHE_DIR, os.path.join(PACKAGE_DIR, "__pycache__"), user_cache):
+        if path and _writable(path):
+            return path
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    fallback = os.path.join(tempfile.gettempdir(), f"tinygemma-numba-{uid}")
+    if _own_folder(fallback):
+        # Both: Numba re-reads NUMBA_* variables before each compilation.
+        os.environ["NUMBA_CACHE_DIR"] = config.CACHE_DIR = fallback
+        print(f"tinygemma: no writable Numba cache beside the package or in {user_cache}; "
+              f"caching the compiled kernels in {fallback} (NUMBA_CACHE_DIR chooses)",
+              file=sys.stderr)
+        return fallback
+    print("tinygemma: no writable folder for Numba's cache (set NUMBA_CACHE_DIR to one); "
+          "the kernels are compiled at every start", file=sys.stderr)
+    return None
+
+
+CACHE_DIR = choose_cache_dir()
+
+
+def is_cold(*modules) -> bool:
+    """Whether using the cached kernels of ``modules`` will compile them first (20-60 s).
+
+    True when a kernel has nothing in the cache for its current source (Numba's index file is
+    missing, or stamped with an older source); without a cache, always.
+    """
+    from numba.core.dispatcher import Dispatcher
+    if CACHE_DIR is None:
+        return True
+    caches = [v._cache for m in modules for v in vars(m).values() if isinstance(v, Dispatcher)]
+    try:  # Numba's own test of its index (IndexDataCacheFile._load_index): {} if stale or absent
+        return any(not c._cache_file._load_index() for c in caches if hasattr(c, "_cache_file"))
+    except Exception:  # Numba's internals changed: say nothing rather than guess
+        return False
