@@ -15,6 +15,7 @@ import pytest
 
 import tinygemma as tg
 from tinygemma.generate import generate_ids
+from tinygemma.trace import PARITY_RTOL
 
 FIXTURES = Path(__file__).parent / "fixtures"
 META = json.loads((FIXTURES / "demo_ref.json").read_text())
@@ -55,7 +56,8 @@ def test_tokenizer_gives_transformers_ids(ref):
 def test_logits_at_every_position(model, ref, j):
     ids = ref[f"ids_{j}"]
     sampled, argmax, top, last = all_position_logits(model, ids, ref["cols"])
-    assert np.abs(last - ref[f"last_logits_{j}"]).max() <= 2e-3
+    want = ref[f"last_logits_{j}"]
+    assert np.abs(last - want).max() <= PARITY_RTOL * np.abs(want).max()
     assert np.abs(sampled - ref[f"sampled_{j}"]).max() <= 3e-2
     assert np.abs(top - ref[f"max_{j}"]).max() <= 3e-2
     clear = ref[f"gap_{j}"] > 1e-3  # no near-tie in the reference

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tinygemma as tg
-from tinygemma.trace import first_drift
+from tinygemma.trace import PARITY_RTOL, first_drift
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = ["gemma1_2b", "gemma1_7b", "gemma2", "gemma3"]
@@ -41,10 +41,10 @@ def test_logits_match_transformers(model_and_ref):
         got = model.forward(ids)
         scale = float(np.abs(want).max())
         err = float(np.abs(got - want).max())
-        if err > 1e-4 * scale:
+        if err > PARITY_RTOL * scale:
             report = first_drift(model.trace(ids), ref[f"hidden_{j}"], model.config.num_layers)
             pytest.fail(f"prompt {j} ({len(ids)} tokens): max|Δlogit| {err:.3g} > "
-                        f"1e-4 × {scale:.3g}\n{report}")
+                        f"{PARITY_RTOL:g} × {scale:.3g}\n{report}")
         top2 = np.sort(want, axis=-1)[:, -2:]
         clear = top2[:, 1] - top2[:, 0] > 2e-4 * scale  # no near-tie in the reference
         assert np.array_equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
