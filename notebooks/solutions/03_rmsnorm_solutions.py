@@ -8,6 +8,13 @@ import numpy as np
 from tinygemma import layers as L
 
 
+def my_rms_norm(x, w, eps=1e-6):
+    """Your turn: RMSNorm with Gemma's (1 + w) scale, in float32, over the last axis."""
+    x = x.astype(np.float32)  # [..., N]
+    rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))  # [..., 1]
+    return x / rms * (1 + w.astype(np.float32))  # [..., N]
+
+
 def eps_threshold(eps=1e-6, shrink=0.01):
     """1. With RMS r the output is multiplied by r / sqrt(r^2 + eps) = 1 / sqrt(1 + eps / r^2).
 
