@@ -5,6 +5,14 @@ import numpy as np
 from tinygemma import layers as L
 
 
+def my_rope(x, cos, sin):
+    """Your turn: split-halves RoPE, x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # dimension i turns with dimension i + d/2
+    rotated = np.concatenate([-x2, x1], axis=-1)  # rotate_half(x): [..., T, d]
+    return x * cos + rotated * sin  # [..., T, d]
+
+
 def relative_on_real_vectors(model, tape, shifts=(0, 1, 10, 100, 1000, 10_000, 100_000)):
     """1. The score of layer 0's last query (head 0) and first key, both moved by the same shift.
 
