@@ -40,7 +40,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import sentencepiece as spm
 
-__all__ = ["Tokenizer", "StreamDecoder", "build_model_proto", "render_chat"]
+__all__ = ["Tokenizer", "StreamDecoder", "build_model_proto", "render_chat", "chat_parts",
+           "check_unicode"]
 
 # SentencePiece piece types (sentencepiece_model.proto, ModelProto.SentencePiece.Type).
 # GGUF's tokenizer.ggml.token_type uses the same numbers.
@@ -407,16 +408,25 @@ class Tokenizer:
         return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
 
     # ---- encode ---------------------------------------------------------------------------
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of ``text``, BOS first (unless ``add_bos=False``).
 
         Special pieces written in the text (``<start_of_turn>``, ``<bos>`` ...) become their
         single id, as in transformers; so text that already starts with ``"<bos>"`` gets a
-        second BOS unless ``add_bos=False``.
+        second BOS unless ``add_bos=False``. With ``parse_special=False`` they are ordinary
+        text (``<``, ``end``, ``_``, ... as llama.cpp's ``parse_special=false``): for text from
+        a user, who must not be able to close their turn and write the model's.
+
+        Text that is not valid Unicode (a lone surrogate such as ``"\ud800"``, or the
+        ``"\udcff"`` Python makes of an invalid UTF-8 byte on the command line) is refused
+        with a ValueError naming its position; it is never replaced silently.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() wants a str, not {type(text).__name__}")
+        check_unicode(text)
         ids = [self._bos] if add_bos and self._bos is not None else []
+        if not parse_special:
+            return ids + self._encode_plain(text)
         for chunk in self._special_finder.split(text):
             if isinstance(chunk, int):
                 ids.append(chunk)
@@ -458,7 +468,8 @@ class Tokenizer:
 
     # ---- chat -----------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
-                            tokenize: bool = True) -> list[int] | str:
+                            tokenize: bool = True, parse_special: bool = False
+                            ) -> list[int] | str:
         """A conversation in Gemma's chat format, as ids (one BOS) or as the string.
 
         ``<bos><start_of_turn>user\\n{content}<end_of_turn>\\n<start_of_turn>model\\n{content}``
@@ -475,11 +486,24 @@ class Tokenizer:
 
         The string starts with ``"<bos>"``; the ids are the string's tokens without adding
         another BOS, so they hold exactly one (the double-BOS trap).
+
+        The messages' content is text: ``"<end_of_turn>"`` typed by a user is the pieces
+        ``<``, ``end``, ... , not the control token, so a user cannot close their turn and
+        write the model's (llama.cpp's ``parse_special=false``). ``parse_special=True`` parses
+        control pieces in the content too, as transformers' template does (it tokenizes the
+        rendered string); the ids differ only for content that spells a control piece. The
+        string (``tokenize=False``) is the same either way.
         """
-        text = render_chat(messages, add_generation_prompt,
-                           self._special_text.get(self._bos, "<bos>") if self._bos is not None
-                           else "")
-        return self.encode(text, add_bos=False) if tokenize else text
+        bos = self._special_text.get(self._bos, "<bos>") if self._bos is not None else ""
+        parts = chat_parts(messages, add_generation_prompt, bos)
+        text = "".join(part for part, _ in parts)
+        if not tokenize:
+            return text
+        if parse_special:  # transformers: the rendered string, control pieces parsed anywhere
+            return self.encode(text, add_bos=False)
+        # The template's control pieces by id; the text between them (content included) as text.
+        return [i for part, control in parts
+                for i in self.encode(part, add_bos=False, parse_special=control)]
 
 
 class StreamDecoder:
@@ -645,20 +669,24 @@ class _SpaceRuns:
 
 
 def _content(message: Mapping, index: int) -> str | list[str]:
-    """A message's text: a str, or a list of ``{"type": "text", "text": ...}`` parts."""
+    """A message's text: a str, or a list of ``{"type": "text", "text": ...}`` parts; checked
+    to be valid Unicode (the position named within the message)."""
     content = message.get("content")
-    if isinstance(content, str):
-        return content
     if isinstance(content, list):
-        texts = []
         for part in content:
             if not (isinstance(part, Mapping) and part.get("type") == "text"
                     and isinstance(part.get("text"), str)):
                 raise ValueError(f"message {index}: only text content is supported "
                                  f"(got part {part!r})")
-            texts.append(part["text"])
-        return texts
-    raise ValueError(f"message {index}: content must be a str (got {type(content).__name__})")
+        content = [part["text"] for part in content]
+    elif not isinstance(content, str):
+        raise ValueError(f"message {index}: content must be a str (got {type(content).__name__})")
+    for text in content if isinstance(content, list) else [content]:
+        try:
+            check_unicode(text)
+        except ValueError as e:
+            raise ValueError(f"message {index}: {e}") from None
+    return content
 
 
 def _stripped(content) -> str:
@@ -668,9 +696,35 @@ def _stripped(content) -> str:
     return content.strip()
 
 
+def check_unicode(text: str) -> None:
+    """Refuse text that cannot be UTF-8 (a lone surrogate), naming the position.
+
+    Python gives an invalid UTF-8 byte on the command line (and on stdin read with
+    ``errors="surrogateescape"``) as a lone surrogate U+DC80..U+DCFF: that one is named as
+    the byte it was.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = (f"the byte 0x{c - 0xDC00:02X}, which is not valid UTF-8," if 0xDC80 <= c <= 0xDCFF
+                else f"a lone surrogate U+{c:04X}")
+        raise ValueError(f"the text is not valid Unicode: {what} at character {e.start}"
+                         ) from None
+
+
 def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = True,
                 bos: str = "<bos>") -> str:
     """The Gemma chat string (see :meth:`Tokenizer.apply_chat_template`)."""
+    return "".join(part for part, _ in chat_parts(messages, add_generation_prompt, bos))
+
+
+def chat_parts(messages: Sequence[Mapping], add_generation_prompt: bool = True,
+               bos: str = "<bos>") -> list[tuple[str, bool]]:
+    """The Gemma chat string in parts: ``(piece, True)`` for the template's control pieces
+    (``<bos>``, ``<start_of_turn>``, ``<end_of_turn>``), ``(text, False)`` for the text between
+    them (a role, a message's content, newlines). Joined, they are :func:`render_chat`'s
+    string; kept apart, a message that spells ``"<end_of_turn>"`` is tokenized as text."""
     if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
         raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts")
     for i, m in enumerate(messages):
@@ -687,7 +741,7 @@ def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = True,
         if not turns:
             raise ValueError("a system message must be followed by a user message "
                              "(Gemma folds it into the first user turn)")
-    parts = [bos]
+    parts = [(bos, True)]
     for n, (i, m) in enumerate(turns):
         role = {"assistant": "model"}.get(m["role"], m["role"])
         if role == "system":
@@ -701,7 +755,8 @@ def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = True,
             raise ValueError(f"message {i}: roles must alternate user/model starting with user; "
                              f"expected {expected}, got {m['role']!r}")
         text = _stripped(_content(m, i))
-        parts.append(f"<start_of_turn>{role}\n{prefix if n == 0 else ''}{text}<end_of_turn>\n")
+        parts += [("<start_of_turn>", True), (f"{role}\n{prefix if n == 0 else ''}{text}", False),
+                  ("<end_of_turn>", True), ("\n", False)]
     if add_generation_prompt:
-        parts.append("<start_of_turn>model\n")
-    return "".join(parts)
+        parts += [("<start_of_turn>", True), ("model\n", False)]
+    return parts
