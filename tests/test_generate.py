@@ -14,6 +14,18 @@ def test_temperature_scales_the_softmax():
     np.testing.assert_allclose(next_token_probs(logits, 0.5), np.array([4, 1, 1]) / 6)
 
 
+@pytest.mark.parametrize("temperature", [1e-320, 5e-324, 1e-300])
+def test_temperature_that_underflows_is_greedy(temperature):
+    """logits / 1e-320 overflows to inf; the limit of softmax(z / T) as T -> 0 is the argmax
+    (ties shared), and that is what comes out: no NaN, the draw is the argmax."""
+    logits = np.array([1.0, 3.0, -2.0, 2.5], np.float32)
+    np.testing.assert_array_equal(next_token_probs(logits, temperature), [0, 1, 0, 0])
+    tied = np.array([3.0, 1.0, 3.0], np.float32)
+    np.testing.assert_array_equal(next_token_probs(tied, temperature, top_p=0.9), [0.5, 0, 0.5])
+    rng = np.random.default_rng(0)
+    assert {pick(logits, temperature, None, None, rng) for _ in range(20)} == {1}
+
+
 def test_top_k_keeps_the_k_most_likely():
     logits = np.log(np.array([0.1, 0.4, 0.2, 0.3]))
     np.testing.assert_allclose(next_token_probs(logits, 1.0, top_k=2), [0, 4 / 7, 0, 3 / 7])
@@ -89,6 +101,7 @@ def test_prompt_plus_new_tokens_beyond_the_context_is_an_error(demo):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"), (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(seed=-1), "seed must be an integer >= 0"), (dict(seed=1.5), "seed"),
 ])
 def test_bad_sampling_settings(demo, kwargs, words):
     with pytest.raises(ValueError, match=words):

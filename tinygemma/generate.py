@@ -14,7 +14,7 @@ from .layers import softmax
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
-                   top_p: float | None) -> None:
+                   top_p: float | None, seed: int | None = None) -> None:
     """Reject impossible sampling settings with a message naming the argument."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -24,6 +24,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0 (or None), got {seed!r}")
 
 
 def next_token_probs(logits: np.ndarray, temperature: float, top_k: int | None = None,
@@ -32,9 +35,12 @@ def next_token_probs(logits: np.ndarray, temperature: float, top_k: int | None =
 
     ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens, then to
     the smallest set whose probability reaches ``top_p`` (nucleus sampling, Holtzman et al.
-    2019), renormalised.
+    2019), renormalised. The largest logit is subtracted before dividing by the temperature,
+    so a temperature too small for ``logits / temperature`` to be finite (1e-320) gives the
+    limit, greedy (ties shared), not NaN.
     """
-    z = logits.astype(np.float64) / temperature  # [V]
+    z = logits.astype(np.float64)  # [V]
+    z = (z - z.max()) / temperature  # [V] <= 0: the most likely token at 0, never inf - inf
     if top_k is not None and top_k < len(z):
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= kth, z, -np.inf)  # [V]
@@ -63,7 +69,7 @@ def generate_ids(model, ids: Sequence[int], max_new_tokens: int = 32, temperatur
     Stop tokens are the tokenizer's EOS and ``<end_of_turn>`` (ends a chat turn); they are not
     yielded. ``ignore_eos`` generates through them.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     ids = model.check_ids(ids, None)
     total = len(ids) + max_new_tokens
     if total > model.config.max_position_embeddings:
