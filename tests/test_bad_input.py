@@ -239,6 +239,15 @@ def test_junk_gguf(tmp_path):
         tg.load(path)
 
 
+@pytest.mark.parametrize("size", [4, 8, 23])
+def test_gguf_shorter_than_its_header_is_truncated(tmp_path, size):
+    """A file that starts with the magic is a GGUF cut short, not "no GGUF magic"."""
+    path = tmp_path / "cut.gguf"
+    path.write_bytes((b"GGUF" + struct.pack("<IQQ", 3, 0, 0))[:size])
+    with clear_error(CheckpointError, "cut.gguf", "truncated", f"{size} bytes"):
+        tg.load(path)
+
+
 def test_empty_gguf(tmp_path):
     path = tmp_path / "empty.gguf"
     path.write_bytes(b"")

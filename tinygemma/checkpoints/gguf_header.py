@@ -96,8 +96,11 @@ class GGUFFile:
 
     # ---- the file ----------------------------------------------------------------------------
     def _parse(self):
-        if len(self.buf) < 24 or bytes(self.buf[:4]) != b"GGUF":
+        if bytes(self.buf[:4]) != b"GGUF":
             raise CheckpointError(f"{self.path}: not a GGUF file (no GGUF magic)")
+        if len(self.buf) < 24:  # magic, version, tensor count, metadata count
+            raise CheckpointError(f"{self.path}: {len(self.buf)} bytes, shorter than the 24 of a "
+                                  "GGUF header: truncated")
         self.pos = 4
         version = self._scalar("I")
         if version not in (2, 3):
