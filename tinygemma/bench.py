@@ -151,11 +151,27 @@ def result_row(name: str, r: dict, roofline_tok_s: float | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tinygemma bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="checkpoint folder or .gguf (default: the demo Gemma 3 270M)")
-    p.add_argument("--prompt-tokens", type=int, default=500)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p = argparse.ArgumentParser(
+        prog="tinygemma bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Prefill and decode speed of a model on this machine, with the memory-"
+                    "bandwidth roofline\n(the decode speed if reading the weights once per "
+                    "token were the only cost).",
+        epilog="prefill: tokens per second to the first new token of the prompt; decode: tokens "
+               "per second\ngenerating greedily after it. Each is the median of the repeats, "
+               "after a warm-up.\n\nexamples:\n  tinygemma bench\n"
+               "  tinygemma bench --model path/to/gemma-2b --prompt-tokens 128 --threads 1\n\n"
+               "The comparison with transformers and llama.cpp is benchmarks/run.py.")
+    p.add_argument("--model", metavar="PATH",
+                   help="checkpoint folder or .gguf (default: the demo Gemma 3 270M)")
+    p.add_argument("--prompt-tokens", type=int, default=500, metavar="N",
+                   help="prompt length for the prefill, >= 3 (default 500)")
+    p.add_argument("--new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to decode after the prompt, >= 1 (default 64)")
+    p.add_argument("--repeats", type=int, default=3, metavar="N",
+                   help="runs of each measurement; the median is shown (default 3)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads for the kernels, as TINYGEMMA_THREADS=N (default: every core "
+                        "this process may use)")
     p.add_argument("--reference", action="store_true",
                    help="also time the pure NumPy reference path (slow)")
     p.add_argument("--no-roofline", action="store_true",
@@ -163,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.prompt_tokens < 3 or a.new_tokens < 1 or a.repeats < 1:
         p.error("--prompt-tokens must be >= 3, --new-tokens and --repeats >= 1")
+    if a.threads is not None:
+        if a.threads < 1:
+            p.error(f"--threads must be >= 1, got {a.threads}")
+        os.environ["TINYGEMMA_THREADS"] = str(a.threads)  # read when the model is built
     from .loader import load, load_demo
 
     def open_model(fast):
