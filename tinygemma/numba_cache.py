@@ -78,14 +78,19 @@ CACHE_DIR = choose_cache_dir()
 def is_cold(*modules) -> bool:
     """Whether using the cached kernels of ``modules`` will compile them first (20-60 s).
 
-    True when a kernel has nothing in the cache for its current source (Numba's index file is
-    missing, or stamped with an older source); without a cache, always.
+    True when no kernel has anything in the cache for its current source (Numba's index files
+    are missing, or stamped with an older source): the first run, or the first after an
+    upgrade; without a cache, always. Kernels for a weight type no model has used yet compile
+    when first needed, a few seconds, without notice.
     """
     from numba.core.dispatcher import Dispatcher
     if CACHE_DIR is None:
         return True
-    caches = [v._cache for m in modules for v in vars(m).values() if isinstance(v, Dispatcher)]
+    caches = [v._cache for m in modules for v in vars(m).values()
+              if isinstance(v, Dispatcher) and hasattr(v._cache, "_cache_file")]  # cache=True
+    if not caches:
+        return False  # no cached kernels found: nothing to say
     try:  # Numba's own test of its index (IndexDataCacheFile._load_index): {} if stale or absent
-        return any(not c._cache_file._load_index() for c in caches if hasattr(c, "_cache_file"))
+        return not any(c._cache_file._load_index() for c in caches)
     except Exception:  # Numba's internals changed: say nothing rather than guess
         return False
