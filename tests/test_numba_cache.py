@@ -80,3 +80,20 @@ def test_temp_folder_of_another_user_is_not_used(tmp_path):
     assert p.stdout.strip() == "cache: None"
     assert "compiled at every start" in p.stderr and "NUMBA_CACHE_DIR" in p.stderr
     assert os.listdir(planted) == []
+
+
+def test_no_usable_temp_dir_means_no_cache(monkeypatch, capsys):
+    """tempfile.gettempdir() raises when no temporary directory is usable: no cache, a notice,
+    no crash (in-process: every candidate folder is made to look read-only)."""
+    import tempfile
+
+    from tinygemma import numba_cache
+
+    def no_temp():
+        raise FileNotFoundError("No usable temporary directory found")
+    monkeypatch.setattr(numba_cache, "_writable", lambda path: False)
+    monkeypatch.setattr(tempfile, "gettempdir", no_temp)
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    assert numba_cache.choose_cache_dir() is None
+    assert "compiled at every start" in capsys.readouterr().err
+    assert "NUMBA_CACHE_DIR" not in os.environ

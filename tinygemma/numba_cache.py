@@ -59,8 +59,11 @@ def choose_cache_dir() -> str | None:
         if path and _writable(path):
             return path
     uid = os.getuid() if hasattr(os, "getuid") else "user"
-    fallback = os.path.join(tempfile.gettempdir(), f"tinygemma-numba-{uid}")
-    if _own_folder(fallback):
+    try:
+        fallback = os.path.join(tempfile.gettempdir(), f"tinygemma-numba-{uid}")
+    except OSError:  # FileNotFoundError: no usable temporary directory at all
+        fallback = None
+    if fallback and _own_folder(fallback):
         # Both: Numba re-reads NUMBA_* variables before each compilation.
         os.environ["NUMBA_CACHE_DIR"] = config.CACHE_DIR = fallback
         print(f"tinygemma: no writable Numba cache beside the package or in {user_cache}; "
