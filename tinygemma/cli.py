@@ -234,7 +234,6 @@ def cmd_generate(args):
     tok = model.tokenizer
     ids = (tok.apply_chat_template([{"role": "user", "content": args.prompt}])
            if args.chat else tok.encode(args.prompt))
-    check_context(model, args, 1)
     run_generate(model, ids, args)
 
 
