@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numba
 import pytest
 
 from tiny import write_gguf, write_hf
@@ -284,7 +285,11 @@ def test_threads_option(capsys, monkeypatch, tiny_gguf, command):
                    "--threads must be >= 1, got 0")
     built = []
     monkeypatch.setattr(cli, "run_generate", lambda model, ids, args: built.append(model))
-    assert cli.main(["generate", "a", "--model", tiny_gguf, "--threads", "1"]) == 0
+    threads = numba.get_num_threads()
+    try:
+        assert cli.main(["generate", "a", "--model", tiny_gguf, "--threads", "1"]) == 0
+    finally:
+        numba.set_num_threads(threads)  # Numba's setting outlives the model: leave it as found
     assert built[0].threads == 1  # FastGemma read TINYGEMMA_THREADS=1
 
 
