@@ -11,6 +11,10 @@ without an edit to mkdocs.yml.
 
 mkdocs.yml names the two sections with a placeholder each (``course/`` and ``reference/``);
 this hook fills them (the course after its introduction, ``docs/course.md``).
+
+It also bundles the math renderer: MathJax, installed from npm by ``npm ci`` (``package.json``
+pins it), is copied into the site as ``assets/mathjax/``, so every equation renders offline
+and no page loads anything from a CDN. ``docs/javascripts/mathjax.js`` configures it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import re
 from pathlib import Path
 
+from mkdocs.exceptions import PluginError
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File
 
@@ -26,6 +31,10 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 PACKAGE = ROOT / "tinygemma"
 SKIP_MODULES = {"__main__"}
+MATHJAX = ROOT / "node_modules" / "mathjax" / "es5"
+# The one-file build with every TeX extension (none is fetched on demand), and the fonts it
+# loads from beside itself.
+MATHJAX_FILES = ["tex-chtml-full.js", "output/chtml/fonts/woff-v2/*.woff"]
 
 
 def notebooks() -> list[Path]:
@@ -99,4 +108,16 @@ def on_files(files, config):
         title = m
         files.append(File.generated(config, reference_page(m),
                                     content=f"# `{title}`\n\n::: {m}\n"))
+    for path in mathjax_files():
+        files.append(File.generated(config, f"assets/mathjax/{path.relative_to(MATHJAX).as_posix()}",
+                                    abs_src_path=str(path)))
     return files
+
+
+def mathjax_files() -> list[Path]:
+    """The MathJax files the site serves, from the npm package (an error if it is missing)."""
+    found = [p for pattern in MATHJAX_FILES for p in sorted(MATHJAX.glob(pattern))]
+    if not (MATHJAX / MATHJAX_FILES[0]).is_file() or len(found) < 2:
+        raise PluginError(f"MathJax is not installed in {MATHJAX.relative_to(ROOT)}: run `npm ci` "
+                          "in the repository's root first (package.json pins the version)")
+    return found
