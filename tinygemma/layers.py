@@ -99,7 +99,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, sca
 
     ``softmax(q k^T * scale + mask) v``. The ``H`` query heads are split into ``K`` groups of
     ``G = H / K``; every group reads one key/value head. ``K = 1`` is multi-query attention
-    (Gemma 2B), ``K = H`` multi-head (Gemma 7B), in between grouped-query (Gemma 2/3).
+    (Gemma 1 2B, Gemma 3 270M and 1B), ``K = H`` multi-head (Gemma 1 7B), in between
+    grouped-query (Gemma 2, Gemma 3 4B and up).
     Returns the output ``[H, T, d]`` and the attention probabilities ``[H, T, S]``.
     """
     H, T, d = q.shape

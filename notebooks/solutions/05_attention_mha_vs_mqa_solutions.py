@@ -8,6 +8,21 @@ from tinygemma.checkpoints.weights import Tensor, Weights
 from tinygemma.config import SLIDING
 
 
+def my_attention(q, k, v, mask, scale, cap=None):
+    """Your turn: copy each key/value head for the G query heads of its group, then softmax
+    attention with the mask, in float32."""
+    H, K = q.shape[0], k.shape[0]
+    G = H // K  # query heads per key/value head
+    k, v = np.repeat(k, G, axis=0), np.repeat(v, G, axis=0)  # [H, S, d]: head h reads h // G
+    scores = q @ k.transpose(0, 2, 1) * np.float32(scale)  # [H, T, S]
+    if cap is not None:
+        scores = cap * np.tanh(scores / cap)  # soft-cap before the mask (Gemma 2)
+    scores = np.where(mask, scores, -np.inf)  # [H, T, S]: the future is unseen
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = e / e.sum(axis=-1, keepdims=True)  # [H, T, S], each row sums to 1
+    return probs @ v, probs  # [H, T, d], [H, T, S]
+
+
 def kv_cache_bytes(num_layers, kv_heads, head_dim, positions_per_layer, nbytes=2):
     """2 (k and v) x K x d x bytes, summed over the layers' kept positions."""
     return 2 * kv_heads * head_dim * nbytes * int(np.sum(positions_per_layer))
