@@ -46,12 +46,13 @@ Block layouts (from ggml; ``d``, ``dmin`` are float16 scales)::
 from __future__ import annotations
 
 import os
+import threading
 from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
-from numba import (carray, config as numba_config, get_num_threads, njit, prange,
-                   set_num_threads, types)
+import numba
+from numba import carray, config as numba_config, njit, prange, set_num_threads, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -844,6 +845,39 @@ def geglu_rows(gate, up, out):
 
 
 # ---- the fast model ---------------------------------------------------------------------------
+_LAUNCHING = threading.Lock()
+_local = threading.local()  # per calling thread: the Numba thread count set there
+_layer: list[str] = []  # Numba's threading layer, known once a parallel region has run
+
+
+def launch(threads: int, kernel, *args) -> None:
+    """Run a parallel kernel on ``threads`` threads, from any calling thread.
+
+    Numba's thread count is a setting of each calling thread, so it is applied in every thread
+    that launches. OpenMP and TBB run parallel regions of several calling threads at once;
+    Numba's ``workqueue`` layer (where neither is installed) aborts the process instead, so
+    there (and until the first region has told which layer runs) launches take turns.
+    """
+    if getattr(_local, "threads", None) != threads:
+        set_num_threads(min(threads, numba_config.NUMBA_NUM_THREADS))
+        _local.threads = threads
+    if _layer and _layer[0] != "workqueue":
+        kernel(*args)
+        return
+    with _LAUNCHING:
+        kernel(*args)
+        if not _layer:
+            _layer.append(numba.threading_layer())
+
+
+def decoded_t(w: Packed) -> np.ndarray:
+    """``W^T`` in float32, contiguous ``[in, out]``: BLAS multiplies by it 2-4% faster than by
+    a ``W.T`` view (prefill of a small model keeps these)."""
+    decoded = np.empty(w.shape, np.float32)  # [out, in]
+    w.decode(0, w.shape[0], decoded)
+    return np.ascontiguousarray(decoded.T)  # [in, out]
+
+
 def tune_malloc() -> None:
     """Keep NumPy's temporaries up to 32 MB on the heap (glibc ``mallopt``), once per process.
 
@@ -894,17 +928,16 @@ class FastGemma(Gemma):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         self.quantize = quantize
         tune_malloc()
+        # Built once, when first used, under self._building; read without it (see _once).
         self.packed: dict[str, Packed] = {}
         self._stacks: dict[tuple[str, ...], tuple[Packed | None, np.ndarray]] = {}
-        self._tile: np.ndarray | None = None
+        self._norm_scale: dict[str, np.ndarray] = {}
+        self._building = threading.RLock()  # a stack builds its parts under it too
         most = numba_config.NUMBA_NUM_THREADS  # one per core unless NUMBA_NUM_THREADS says otherwise
         env = os.environ.get("TINYGEMMA_THREADS", "")  # a cap, as llama.cpp's n_threads
         if env and not env.isdigit():
             raise ValueError(f"TINYGEMMA_THREADS must be a number of threads, got {env!r}")
         self.threads = max(1, min(int(env), most)) if env else most
-        if get_num_threads() != self.threads:
-            set_num_threads(self.threads)  # Numba's setting is per calling thread: this one
-        self._norm_scale: dict[str, np.ndarray] = {}
         # Prefill multiplies by float32 matrices. Decoding them costs ~10% of a prefill, so a
         # small model (all its layers' matrices within keep_f32_bytes in float32: the demo's
         # take 0.4 GB) keeps them decoded; a large one decodes tiles at every prefill instead,
@@ -913,11 +946,24 @@ class FastGemma(Gemma):
                         if n.startswith("layers.") and len(t.shape) == 2)
         self._f32: dict[str, np.ndarray] | None = {} if f32_bytes <= keep_f32_bytes else None
 
+    def _once(self, store: dict, key, build):
+        """``store[key]``, built by ``build()`` the first time, exactly once however many
+        threads ask at the same moment (the others wait for it); later reads take no lock."""
+        value = store.get(key)
+        if value is None:
+            with self._building:
+                value = store.get(key)
+                if value is None:
+                    value = store[key] = build()
+        return value
+
     def _packed(self, name: str) -> Packed:
-        p = self.packed.get(name)
-        if p is None:
-            p = self.packed[name] = Packed(self.weights.tensors[name], self.quantize)
-        return p
+        return self._once(self.packed, name,
+                          lambda: Packed(self.weights.tensors[name], self.quantize))
+
+    def _launch(self, kernel, *args):
+        """Run a parallel kernel from whichever thread calls (see :func:`launch`)."""
+        launch(self.threads, kernel, *args)
 
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
         if getattr(self.weights.tensors[name], "kind", "f32") not in FORMATS:
@@ -928,17 +974,12 @@ class FastGemma(Gemma):
         T = x.shape[0]
         if T <= SMALL_T:
             y = np.empty((T, rows), np.float32)  # [T, out]
-            w.matvec(x, y)
+            self._launch(w.matvec, x, y)
             return y
         if self._f32 is not None and name.startswith("layers."):
-            if name not in self._f32:
-                decoded = self._tile_buffer(rows * cols)[: rows * cols].reshape(rows, cols)
-                w.decode(0, rows, decoded)
-                # kept as W^T, contiguous: BLAS multiplies by it 2-4% faster than by a W.T view
-                self._f32[name] = np.ascontiguousarray(decoded.T)  # [in, out]
-            return x @ self._f32[name]  # [T, in] @ [in, out] on BLAS
+            return x @ self._once(self._f32, name, lambda: decoded_t(w))  # [T, in] @ [in, out]
         step = max(1, min(rows, TILE_ELEMS // cols))  # rows per decoded tile
-        tile = self._tile_buffer(step * cols)[: step * cols].reshape(step, cols)
+        tile = np.empty((step, cols), np.float32)  # this call's own: threads may share the model
         if step == rows:  # one tile: the whole matrix
             w.decode(0, rows, tile)
             return x @ tile.T  # [T, in] @ [in, out] on BLAS
@@ -955,23 +996,17 @@ class FastGemma(Gemma):
         (starting the threads, and memory streams); this saves 3 of the 7 a layer."""
         if len(x) > SMALL_T:
             return super().projections(x, *names)
-        if names not in self._stacks:  # once: None when a part has no kernel or none fit
-            tensors = [self.weights.tensors[n] for n in names]
-            kernels = all(getattr(t, "kind", "f32") in FORMATS for t in tensors)
-            stack = Packed.stacked([self._packed(n) for n in names]) if kernels else None
-            self._stacks[names] = (stack, np.cumsum([0] + [t.shape[0] for t in tensors]))
-        stack, bounds = self._stacks[names]
+        stack, bounds = self._once(self._stacks, names, lambda: self._stack(names))
         if stack is None:
             return super().projections(x, *names)
         x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
         y = np.empty((len(x), stack.shape[0]), np.float32)  # [T, sum of outs]
-        stack.matvec(x, y)
+        self._launch(stack.matvec, x, y)
         return [np.ascontiguousarray(y[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def norm(self, x: np.ndarray, name: str) -> np.ndarray:
-        scale = self._norm_scale.get(name)
-        if scale is None:  # 1 + w, once per weight
-            scale = self._norm_scale[name] = f32(1) + self.weights[name].astype(f32)
+        scale = self._once(self._norm_scale, name,  # 1 + w, once per weight
+                           lambda: f32(1) + self.weights[name].astype(f32))
         x = np.ascontiguousarray(x, dtype=np.float32)  # [..., N]
         out = np.empty_like(x)
         rms_norm_rows(x.reshape(-1, x.shape[-1]), scale, float(self.config.rms_norm_eps),
@@ -990,10 +1025,13 @@ class FastGemma(Gemma):
         geglu_rows(gate, up, out)
         return out
 
-    def _tile_buffer(self, n):
-        if self._tile is None or self._tile.size < n:
-            self._tile = np.empty(max(n, TILE_ELEMS), np.float32)
-        return self._tile
+    def _stack(self, names):
+        """q, k, v (or gate, up) stacked, and where each part's rows end; no stack (None) when
+        a part has no kernel or the parts do not fit one (``Packed.stacked``)."""
+        tensors = [self.weights.tensors[n] for n in names]
+        kernels = all(getattr(t, "kind", "f32") in FORMATS for t in tensors)
+        stack = Packed.stacked([self._packed(n) for n in names]) if kernels else None
+        return stack, np.cumsum([0] + [t.shape[0] for t in tensors])
 
     def _attend_blocks(self, q, k, v, pos0, window, out):
         """Prefill attention: q k^T and p v on BLAS, a block of queries at a time.
@@ -1031,9 +1069,9 @@ class FastGemma(Gemma):
         if T > SMALL_T:
             self._attend_blocks(q, cache.k[i], cache.v[i], pos0, window, out)
             return out, None
-        attend_cache(np.ascontiguousarray(q, dtype=np.float32), cache.k[i], cache.v[i], pos0,
-                     first, window, float(c.attn_scale), float(c.attn_logit_softcap or 0.0),
-                     self.threads, out)
+        self._launch(attend_cache, np.ascontiguousarray(q, dtype=np.float32), cache.k[i],
+                     cache.v[i], pos0, first, window, float(c.attn_scale),
+                     float(c.attn_logit_softcap or 0.0), self.threads, out)
         return out, None
 
 

@@ -19,6 +19,8 @@ Shape legend as in ``layers.py``.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import layers as L
@@ -48,11 +50,14 @@ class Gemma:
         self.config = config
         self.weights = weights
         self._tokenizer = tokenizer  # a Tokenizer, or a function that loads one when first used
+        self._loading = threading.Lock()  # threads sharing the model build the tokenizer once
 
     @property
     def tokenizer(self):
         if callable(self._tokenizer) and not hasattr(self._tokenizer, "encode"):
-            self._tokenizer = self._tokenizer()
+            with self._loading:
+                if callable(self._tokenizer) and not hasattr(self._tokenizer, "encode"):
+                    self._tokenizer = self._tokenizer()
         if self._tokenizer is None:
             raise ValueError("this model has no tokenizer: pass token ids to forward()")
         return self._tokenizer

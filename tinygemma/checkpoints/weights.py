@@ -23,6 +23,7 @@ Norm weights hold ``w`` of ``(1 + w)``, the Hugging Face convention.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -84,14 +85,19 @@ class Weights:
         self.tensors = tensors
         self._cache: dict[str, np.ndarray] = {}
         self._cache_left = cache_bytes
+        self._caching = threading.Lock()  # threads sharing the model decode a matrix once
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name in self._cache:
-            return self._cache[name]
-        x = self.tensors[name].f32()
-        if x.nbytes <= self._cache_left:
-            self._cache[name] = x
-            self._cache_left -= x.nbytes
+        x = self._cache.get(name)
+        if x is not None:
+            return x
+        with self._caching:
+            x = self._cache.get(name)
+            if x is None:
+                x = self.tensors[name].f32()
+                if x.nbytes <= self._cache_left:
+                    self._cache[name] = x
+                    self._cache_left -= x.nbytes
         return x
 
     def __contains__(self, name: str) -> bool:

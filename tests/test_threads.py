@@ -1,0 +1,96 @@
+"""One loaded model shared by several threads gives what each thread would get alone.
+
+Each case runs in a fresh process, so that the threads' first use of the model is concurrent:
+that is when the shared state (unpacked panels, stacked projections, float32 copies kept for
+prefill, norm scales, the tokenizer) is built, and when a shared scratch buffer once mixed two
+threads' prefills (wrong logits, and float32 copies kept corrupted for the rest of the process).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+SCRIPT = """
+import sys, threading
+import numpy as np
+sys.path.insert(0, {tests!r})
+from tiny import write_hf
+import tinygemma as tg
+from tinygemma.kernels import FastGemma
+
+def model():
+    if {demo!r}:
+        return tg.load_demo()
+    path = write_hf({folder!r}, family=3, hidden_size=256, intermediate_size=512,
+                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                    head_dim=64, vocab_size=512)
+    m = tg.load(path)  # bf16; keep_f32_bytes=0: every prefill decodes tiles of rows
+    return FastGemma(m.config, m.weights, keep_f32_bytes={keep_f32_bytes})
+
+def run(m, ids):
+    # a prefill (more than 8 tokens: BLAS on decoded matrices), then greedy decode steps
+    cache = m.new_cache(len(ids) + 6)
+    logits = [m.forward(ids, cache=cache)]
+    for _ in range(6):
+        token = int(np.argmax(logits[-1][-1]))
+        logits.append(m.forward(np.array([token]), cache=cache))
+    return logits
+
+rng = np.random.default_rng(0)
+prompts = [rng.integers(0, 512, 20 + 11 * i) for i in range({threads})]
+shared = model()
+got = [None] * len(prompts)
+start = threading.Barrier(len(prompts))
+
+def work(i):
+    start.wait()  # the threads' first use of the fresh model is at the same moment
+    got[i] = run(shared, prompts[i])
+
+threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+alone = [run(model(), p) for p in prompts]
+later = [run(shared, p) for p in prompts]  # the shared model afterwards, one thread
+bad = [i for i in range(len(prompts)) if any(not np.array_equal(a, b) for a, b in zip(got[i], alone[i]))]
+bad_later = [i for i in range(len(prompts)) if any(not np.array_equal(a, b) for a, b in zip(later[i], alone[i]))]
+print("differ", bad, "later", bad_later)
+assert not bad and not bad_later
+"""
+
+
+def run_script(tmp_path, layer=None, **kw):
+    env = dict(os.environ)
+    if layer:
+        env["NUMBA_THREADING_LAYER"] = layer
+    args = dict(tests=str(TESTS), folder=str(tmp_path / "ckpt"), demo=False, keep_f32_bytes=0,
+                threads=4)
+    args.update(kw)
+    code = textwrap.dedent(SCRIPT).format(**args)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("keep_f32_bytes", [0, 1 << 30], ids=["tiles", "kept-f32"])
+def test_threads_share_a_fresh_bf16_model(tmp_path, keep_f32_bytes):
+    run_script(tmp_path, keep_f32_bytes=keep_f32_bytes)
+
+
+def test_threads_under_numbas_workqueue_layer(tmp_path):
+    """workqueue aborts the process when two threads launch parallel regions at once
+    (SIGABRT); the launches take turns there."""
+    run_script(tmp_path, layer="workqueue", threads=3)
+
+
+def test_threads_share_the_fresh_demo_model(tmp_path):
+    """The demo: Q4_K/Q6_K panels unpacked and float32 copies built by the first prompts,
+    which two threads run at once."""
+    run_script(tmp_path, demo=True, threads=2, keep_f32_bytes=None)
