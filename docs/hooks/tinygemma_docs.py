@@ -12,9 +12,12 @@ without an edit to mkdocs.yml.
 mkdocs.yml names the two sections with a placeholder each (``course/`` and ``reference/``);
 this hook fills them (the course after its introduction, ``docs/course.md``).
 
-It also bundles the math renderer: MathJax, installed from npm by ``npm ci`` (``package.json``
-pins it), is copied into the site as ``assets/mathjax/``, so every equation renders offline
-and no page loads anything from a CDN. ``docs/javascripts/mathjax.js`` configures it.
+It also bundles the two renderers the pages need, installed from npm by ``npm ci``
+(``package.json`` pins them), so that equations and diagrams render offline and no page loads
+anything from a CDN: MathJax, copied into the site as ``assets/mathjax/`` and configured by
+``docs/javascripts/mathjax.js``; and Mermaid (its one-file build ``@mermaid-js/tiny``), copied
+as ``assets/mermaid/`` and loaded by the pages that hold a diagram, before the theme's script,
+which uses a ``mermaid`` already defined instead of fetching one.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from mkdocs.exceptions import PluginError
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File
+from mkdocs.utils import get_relative_url
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -35,6 +39,8 @@ MATHJAX = ROOT / "node_modules" / "mathjax" / "es5"
 # The one-file build with every TeX extension (none is fetched on demand), and the fonts it
 # loads from beside itself.
 MATHJAX_FILES = ["tex-chtml-full.js", "output/chtml/fonts/woff-v2/*.woff"]
+MERMAID = ROOT / "node_modules" / "@mermaid-js" / "tiny" / "dist" / "mermaid.tiny.js"
+MERMAID_URL = "assets/mermaid/mermaid.tiny.js"
 
 
 def notebooks() -> list[Path]:
@@ -111,13 +117,27 @@ def on_files(files, config):
     for path in mathjax_files():
         files.append(File.generated(config, f"assets/mathjax/{path.relative_to(MATHJAX).as_posix()}",
                                     abs_src_path=str(path)))
+    files.append(File.generated(config, MERMAID_URL, abs_src_path=str(installed(MERMAID))))
     return files
 
 
+def on_page_content(html, page, config, files):
+    """Pages with a diagram load the bundled Mermaid ahead of the theme's script."""
+    if 'class="mermaid"' not in html:
+        return html
+    return f'<script src="{get_relative_url(MERMAID_URL, page.url)}"></script>\n{html}'
+
+
 def mathjax_files() -> list[Path]:
-    """The MathJax files the site serves, from the npm package (an error if it is missing)."""
+    """The MathJax files the site serves, from the npm package."""
     found = [p for pattern in MATHJAX_FILES for p in sorted(MATHJAX.glob(pattern))]
-    if not (MATHJAX / MATHJAX_FILES[0]).is_file() or len(found) < 2:
-        raise PluginError(f"MathJax is not installed in {MATHJAX.relative_to(ROOT)}: run `npm ci` "
-                          "in the repository's root first (package.json pins the version)")
+    installed(MATHJAX / MATHJAX_FILES[0])
     return found
+
+
+def installed(path: Path) -> Path:
+    """``path`` of an npm package, or an error that says how to install it."""
+    if not path.is_file():
+        raise PluginError(f"{path.relative_to(ROOT)} is missing: run `npm ci` in the repository's "
+                          "root first (package.json pins the docs' renderers)")
+    return path

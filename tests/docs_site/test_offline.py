@@ -1,4 +1,4 @@
-"""The built docs site renders its equations offline, in a real browser.
+"""The built docs site renders its equations and diagrams offline, in a real browser.
 
 Run after ``mkdocs build`` (CI: ``.ci/run``), not in the default test run (pyproject's
 ``addopts`` ignores this folder):
@@ -10,7 +10,8 @@ A chapter page (notebook math, ``$...$`` and ``$$\\begin{aligned}...``) and a Ma
 localhost aborted. The equations must be typeset by MathJax (``mjx-container`` elements, no
 TeX error), no raw TeX may remain in the text outside code, nothing may be requested from
 another host, and every local file asked for (the bundled MathJax and its fonts) must exist.
-``TINYGEMMA_SITE`` names another built site; ``CHROMIUM`` another browser binary.
+The architecture page's Mermaid diagrams, likewise offline, must be drawn by the bundled
+Mermaid. ``TINYGEMMA_SITE`` names another built site; ``CHROMIUM`` another browser binary.
 """
 
 import functools
@@ -65,9 +66,9 @@ def browser():
         b.close()
 
 
-def open_offline(browser, url):
-    """The page at ``url``, typeset with the network cut off: (page, URLs of other hosts asked
-    for, local failures)."""
+def offline_page(browser):
+    """A new page whose requests to other hosts are aborted: (page, URLs of other hosts asked
+    for, local failures), the two lists filled as the page loads."""
     page = browser.new_page()
     outside, failed = [], []
 
@@ -80,6 +81,13 @@ def open_offline(browser, url):
 
     page.route("**/*", route)
     page.on("response", lambda resp: resp.status >= 400 and failed.append(f"{resp.status} {resp.url}"))
+    return page, outside, failed
+
+
+def open_offline(browser, url):
+    """The page at ``url``, typeset with the network cut off: (page, URLs of other hosts asked
+    for, local failures)."""
+    page, outside, failed = offline_page(browser)
     page.goto(url, wait_until="load")
     try:  # MathJax replaces the configuration object window.MathJax when it has loaded
         page.wait_for_function("window.MathJax && MathJax.startup && MathJax.startup.promise",
@@ -117,3 +125,19 @@ def test_equations_render_offline(server, browser, path):
     assert errors == 0, f"{path}: {errors} TeX errors"
     raw = RAW_TEX.search(prose)
     assert raw is None, f"{path}: raw TeX in the text: {prose[max(raw.start() - 60, 0):raw.end() + 60]!r}"
+
+
+def test_diagrams_render_offline(server, browser):
+    page, outside, failed = offline_page(browser)
+    page.goto(server + "architecture/", wait_until="load")
+    try:  # the theme replaces each <pre class="mermaid"> by a div holding the drawing
+        page.wait_for_function('document.querySelectorAll("div.mermaid").length >= 2', timeout=20_000)
+    except PlaywrightTimeout:
+        failed.append("the diagrams were not drawn within 20 s")
+    heights = page.eval_on_selector_all("div.mermaid", "ds => ds.map(d => d.getBoundingClientRect().height)")
+    text = page.inner_text("article")
+    page.close()
+    assert not outside, f"requests to other hosts: {outside[:5]}"
+    assert not failed, f"local files missing or diagrams not drawn: {failed[:5]}"
+    assert len(heights) >= 2 and min(heights) > 50, f"diagram heights {heights}"
+    assert "flowchart" not in text, "a diagram's source is shown as text"
