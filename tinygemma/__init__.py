@@ -16,11 +16,12 @@ if "numpy" not in sys.modules:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # spin 2^4 cycles, then sleep
 
 from .config import GemmaConfig  # noqa: E402
+from .evaluate import perplexity  # noqa: E402
 from .errors import CheckpointError, CheckpointNotFound, TinyGemmaError  # noqa: E402
 from .generate import generate, stream  # noqa: E402
 from .loader import load, load_demo  # noqa: E402
 from .model import Gemma, KVCache  # noqa: E402
 
 __all__ = ["GemmaConfig", "Gemma", "KVCache", "load", "load_demo", "generate", "stream",
-           "TinyGemmaError", "CheckpointError", "CheckpointNotFound"]
+           "perplexity", "TinyGemmaError", "CheckpointError", "CheckpointNotFound"]
 __version__ = "0.1.0"

@@ -26,6 +26,7 @@ import numpy as np
 from . import layers as L
 from .checkpoints.weights import Weights
 from .config import GemmaConfig
+from .evaluate import token_nll
 
 
 class KVCache:
@@ -79,6 +80,15 @@ class Gemma:
         tape: dict[str, np.ndarray] = {}
         self._forward(ids, self.new_cache(len(ids)), False, tape)
         return tape
+
+    def loss(self, ids) -> float:
+        """Mean next-token cross-entropy in nats: ``-log p(ids[t] | ids[:t])`` over t = 1 .. T-1.
+
+        The convention of transformers' ``labels=ids``. Computed in float64 from the float32
+        logits, 512 positions at a time through a KV cache (see :mod:`tinygemma.evaluate`).
+        """
+        ids = self.check_ids(ids, None)
+        return float(np.concatenate(list(token_nll(self, ids))).mean())
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.config, max_len)
