@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinygemma.config import GEMMA2_SOFTCAPS, ROPE_BASE
+
 MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}
 GGUF_ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3"}
 
@@ -29,13 +31,13 @@ def tiny_config(family: int = 3, **overrides) -> dict:
     d = {"model_type": MODEL_TYPES[family], "vocab_size": 300, "hidden_size": 32,
          "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
          "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 8192,
-         "rms_norm_eps": 1e-6, "rope_theta": 10_000.0, "hidden_activation": "gelu_pytorch_tanh"}
+         "rms_norm_eps": 1e-6, "rope_theta": ROPE_BASE, "hidden_activation": "gelu_pytorch_tanh"}
     if family == 2:
-        d.update(query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
-                 final_logit_softcapping=30.0, sliding_window=4)
+        d.update(query_pre_attn_scalar=16, attn_logit_softcapping=GEMMA2_SOFTCAPS[0],
+                 final_logit_softcapping=GEMMA2_SOFTCAPS[1], sliding_window=4)
     if family == 3:
         d.update(query_pre_attn_scalar=16, sliding_window=4, rope_theta=1_000_000.0,
-                 rope_local_base_freq=10_000.0)  # five local layers to one global
+                 rope_local_base_freq=ROPE_BASE)  # five local layers to one global
     d.update(overrides)
     return d
 

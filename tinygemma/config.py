@@ -25,6 +25,37 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 _GELUS = {"gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_tanh"}
 MAX_LAYERS = 1024  # Gemma's deepest has 62; a larger count is a corrupt file, not a model
 
+# ---- the family's rules, for what a checkpoint leaves unsaid ------------------------------------
+ROPE_BASE = 10_000.0  # RoPE theta of Gemma 1/2 and of Gemma 3's local layers
+GEMMA3_GLOBAL_EVERY = 6  # Gemma 3: five local layers to one global (``sliding_window_pattern``)
+GEMMA2_SOFTCAPS = (50.0, 30.0)  # Gemma 2's attention and final logit soft-caps
+
+
+def family_layer_types(family: int, n_layers: int, pattern: int = GEMMA3_GLOBAL_EVERY
+                       ) -> tuple[str, ...]:
+    """FULL or SLIDING per layer, where the checkpoint does not list them."""
+    if family == 2:  # transformers: even layers slide, odd layers are global
+        return tuple(SLIDING if i % 2 == 0 else FULL for i in range(n_layers))
+    if family == 3:  # every `pattern`-th layer is global
+        return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers))
+    return (FULL,) * n_layers
+
+
+def gemma3_query_pre_attn_scalar(hidden: int, n_heads: int, head_dim: int) -> int:
+    """llama.cpp's rule, for GGUF files that do not store it: 27B scales by hidden/heads."""
+    return hidden // n_heads if (hidden, n_heads) == (5376, 32) else head_dim
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one layer attends, fixed once from the config (as deepmind's gemma fixes
+    ``attn_type`` and ``rope_base_frequency`` per block at construction)."""
+
+    window: int | None  # W keys a query sees, itself included; None: every key up to it
+    rope_base: float  # RoPE theta
+    rope_scale: float  # linear position scaling (global layers of Gemma 3 4B and up)
+    softcap: float | None  # attention logit soft-cap (Gemma 2)
+
 
 @dataclass(frozen=True)
 class GemmaConfig:
@@ -33,6 +64,8 @@ class GemmaConfig:
     Letters used in shape comments across the package:
     ``T`` tokens, ``S`` key positions, ``D`` hidden size, ``H`` query heads,
     ``K`` key/value heads, ``d`` head_dim, ``F`` MLP width, ``V`` vocabulary.
+
+    ``layer_specs[i]`` is layer ``i``'s :class:`LayerSpec`, built once from these fields.
     """
 
     family: int  # 1, 2 or 3
@@ -45,8 +78,8 @@ class GemmaConfig:
     head_dim: int  # d (H * d != D on Gemma 7B)
     max_position_embeddings: int = 8192
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10_000.0  # RoPE base of global (full-attention) layers
-    rope_local_theta: float = 10_000.0  # RoPE base of sliding-window layers (Gemma 3)
+    rope_theta: float = ROPE_BASE  # RoPE base of global (full-attention) layers
+    rope_local_theta: float = ROPE_BASE  # RoPE base of sliding-window layers (Gemma 3)
     rope_scaling_factor: float = 1.0  # linear position scaling on global layers (Gemma 3 4B+)
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (Gemma 2/3)
     attn_logit_softcap: float | None = None  # Gemma 2: 50
@@ -75,6 +108,11 @@ class GemmaConfig:
                                   f"num_kv_heads {self.num_kv_heads}")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise CheckpointError("config: sliding-window layers but no sliding_window")
+        local = LayerSpec(self.sliding_window, self.rope_local_theta, 1.0, self.attn_logit_softcap)
+        full = LayerSpec(None, self.rope_theta, self.rope_scaling_factor, self.attn_logit_softcap)
+        # not a field: built here from the fields, so replace() rebuilds it
+        object.__setattr__(self, "layer_specs",
+                           tuple(local if t == SLIDING else full for t in self.layer_types))
 
     @property
     def attn_scale(self) -> float:
@@ -83,13 +121,13 @@ class GemmaConfig:
 
     def window(self, layer: int) -> int | None:
         """Sliding window of a layer, or None for global attention."""
-        return self.sliding_window if self.layer_types[layer] == SLIDING else None
+        return self.layer_specs[layer].window
 
     def rope_base(self, layer: int) -> float:
-        return self.rope_local_theta if self.layer_types[layer] == SLIDING else self.rope_theta
+        return self.layer_specs[layer].rope_base
 
     def rope_scale(self, layer: int) -> float:
-        return 1.0 if self.layer_types[layer] == SLIDING else self.rope_scaling_factor
+        return self.layer_specs[layer].rope_scale
 
     def replace(self, **changes) -> "GemmaConfig":
         return dataclasses.replace(self, **changes)
@@ -170,10 +208,10 @@ def _rope(d: dict, family: int) -> tuple[tuple[float, float], tuple[float, float
             g, l = params[FULL], params.get(SLIDING, params[FULL])
         else:
             g = l = params
-        return _base_factor(g), (float(l.get("rope_theta", 10_000.0)), 1.0)
-    base = float(d.get("rope_theta", 10_000.0))
+        return _base_factor(g), (float(l.get("rope_theta", ROPE_BASE)), 1.0)
+    base = float(d.get("rope_theta", ROPE_BASE))
     factor = _base_factor({"rope_theta": base, **(d.get("rope_scaling") or {})})[1]
-    local = float(d.get("rope_local_base_freq", 10_000.0)) if family == 3 else base
+    local = float(d.get("rope_local_base_freq", ROPE_BASE)) if family == 3 else base
     return (base, factor), (local, 1.0)
 
 
@@ -181,18 +219,14 @@ def _base_factor(p: dict) -> tuple[float, float]:
     kind = p.get("rope_type", p.get("type", "default"))
     if kind not in ("default", "linear"):
         raise CheckpointError(f"config: RoPE type {kind!r} is not supported (default or linear)")
-    return float(p.get("rope_theta", 10_000.0)), float(p.get("factor", 1.0)) if kind == "linear" else 1.0
+    return float(p.get("rope_theta", ROPE_BASE)), float(p.get("factor", 1.0)) if kind == "linear" else 1.0
 
 
 def _layer_types(d: dict, family: int, n_layers: int) -> tuple[str, ...]:
     if d.get("layer_types"):
         return tuple(d["layer_types"])
-    if family == 2:  # transformers: even layers slide, odd layers are global
-        return tuple(SLIDING if i % 2 == 0 else FULL for i in range(n_layers))
-    if family == 3:  # every `pattern`-th layer is global: five local to one global
-        pattern = d.get("sliding_window_pattern", 6)
-        return tuple(FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers))
-    return (FULL,) * n_layers
+    return family_layer_types(family, n_layers,
+                              d.get("sliding_window_pattern", GEMMA3_GLOBAL_EVERY))
 
 
 # The two released Gemma 1 shapes (the paper, table 1).
@@ -213,5 +247,6 @@ def count_parameters(c: GemmaConfig) -> dict[str, int]:
     return out
 
 
-__all__ = ["GemmaConfig", "GEMMA_2B", "GEMMA_7B", "FULL", "SLIDING",
-           "count_parameters"]
+__all__ = ["GemmaConfig", "LayerSpec", "GEMMA_2B", "GEMMA_7B", "FULL", "SLIDING",
+           "count_parameters", "family_layer_types", "gemma3_query_pre_attn_scalar",
+           "ROPE_BASE", "GEMMA3_GLOBAL_EVERY", "GEMMA2_SOFTCAPS"]

@@ -15,7 +15,8 @@ import re
 
 import numpy as np
 
-from ..config import FULL, MAX_LAYERS, SLIDING, GemmaConfig
+from ..config import (GEMMA2_SOFTCAPS, MAX_LAYERS, ROPE_BASE, GemmaConfig, family_layer_types,
+                      gemma3_query_pre_attn_scalar)
 from ..errors import CheckpointError
 from .gguf_header import TensorInfo, read_gguf
 from .weights import BF16Tensor, F16Tensor, Tensor, check_weights
@@ -82,30 +83,27 @@ def _config(meta: dict, path: str, vocab: int | None) -> GemmaConfig:
     if not vocab:
         raise CheckpointError(f"{path}: no token_embd.weight tensor and no vocabulary")
     window = get("attention.sliding_window", required=False)
-    types: tuple[str, ...] = ()
-    if family == 2:
-        types = tuple(SLIDING if i % 2 == 0 else FULL for i in range(n_layers))
-    elif family == 3:  # not stored: five local layers to one global
-        types = tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers))
+    caps = GEMMA2_SOFTCAPS if family == 2 else (None, None)  # what llama.cpp assumes unstored
     qpas = None
     if family == 2:
         qpas = get("attention.query_pre_attn_scalar", head_dim, required=False)
-    elif family == 3:  # llama.cpp: 27B scales by hidden/heads, the others by head_dim
-        qpas = hidden // n_heads if (hidden, n_heads) == (5376, 32) else head_dim
+    elif family == 3:  # not stored in GGUF
+        qpas = gemma3_query_pre_attn_scalar(hidden, n_heads, head_dim)
     return GemmaConfig(
         family=family, vocab_size=int(vocab), hidden_size=int(hidden),
         intermediate_size=int(get("feed_forward_length")), num_layers=int(n_layers),
         num_heads=int(n_heads), num_kv_heads=int(get("attention.head_count_kv", n_heads)),
         head_dim=int(head_dim), max_position_embeddings=int(get("context_length", 8192)),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(get("rope.freq_base", 10_000.0)),
-        rope_local_theta=10_000.0,
+        rope_theta=float(get("rope.freq_base", ROPE_BASE)),
+        rope_local_theta=ROPE_BASE,
         rope_scaling_factor=float(get("rope.scaling.factor", 1.0, required=False) or 1.0),
         query_pre_attn_scalar=qpas,
-        attn_logit_softcap=get("attn_logit_softcapping", 50.0 if family == 2 else None, False),
-        final_logit_softcap=get("final_logit_softcapping", 30.0 if family == 2 else None, False),
+        attn_logit_softcap=get("attn_logit_softcapping", caps[0], False),
+        final_logit_softcap=get("final_logit_softcapping", caps[1], False),
         sliding_window=int(window) if window and family > 1 else None,
-        layer_types=types, sandwich_norms=family > 1, qk_norm=family == 3)
+        layer_types=family_layer_types(family, n_layers),  # GGUF does not store them
+        sandwich_norms=family > 1, qk_norm=family == 3)
 
 
 def _tensor(t: TensorInfo) -> Tensor:
