@@ -7,8 +7,9 @@ hidden 2048, 18 layers, 8 query heads, 1 KV head of 256, MLP 16384, vocabulary 2
 embedding) and ``model-0000N-of-0000M.safetensors`` shards with ``model.safetensors.index.json``.
 Decoding speed does not depend on the weight values, so they are random bf16 numbers of a sane
 scale (repeated from a pool of a few million, to write 5 GB quickly). The safetensors files are
-written here (8-byte header length, JSON header, raw bytes); numpy has no bf16, so bf16 is
-uint16. There is no tokenizer: benchmarks use token ids. Never commit the output.
+written here (8-byte header length, JSON header, raw bytes), streamed from the pool: the
+safetensors package would want every tensor in memory, and NumPy has no bf16 for it (bf16 is
+uint16 here). Tensor names and shapes come from tinygemma (``checkpoints.hf.hf_shapes``). There is no tokenizer: benchmarks use token ids. Never commit the output.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import sys
 
 import numpy as np
 
+from tinygemma.checkpoints.hf import hf_shapes
+from tinygemma.config import GemmaConfig
+
 CONFIG = {
     "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "torch_dtype": "bfloat16",
     "vocab_size": 256000, "hidden_size": 2048, "intermediate_size": 16384,
@@ -30,24 +34,6 @@ CONFIG = {
     "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
 }
 SHARD_BYTES = 2 << 30
-
-
-def shapes(c: dict) -> dict[str, tuple[int, ...]]:
-    D, F, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    H, K = c["num_attention_heads"], c["num_key_value_heads"]
-    out = {"model.embed_tokens.weight": (c["vocab_size"], D)}
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (D,),
-                    p + "self_attn.q_proj.weight": (H * d, D),
-                    p + "self_attn.k_proj.weight": (K * d, D),
-                    p + "self_attn.v_proj.weight": (K * d, D),
-                    p + "self_attn.o_proj.weight": (D, H * d),
-                    p + "post_attention_layernorm.weight": (D,),
-                    p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
-                    p + "mlp.down_proj.weight": (D, F)})
-    out["model.norm.weight"] = (D,)
-    return out
 
 
 def bf16_pool(n: int, seed: int = 0) -> np.ndarray:
@@ -85,7 +71,7 @@ def main(argv=None) -> int:
     os.makedirs(folder, exist_ok=True)
     pool = bf16_pool(1 << 24)
     shards, current, size = [], [], 0
-    for name, shape in shapes(CONFIG).items():
+    for name, shape in hf_shapes(GemmaConfig.from_dict(CONFIG)).items():
         nbytes = int(np.prod(shape)) * 2
         if current and size + nbytes > SHARD_BYTES:
             shards.append(current)

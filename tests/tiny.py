@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tinygemma.config import GEMMA2_SOFTCAPS, ROPE_BASE
+from tinygemma.checkpoints.hf import hf_shapes as _shapes
+from tinygemma.config import GEMMA2_SOFTCAPS, ROPE_BASE, GemmaConfig
 
 MODEL_TYPES = {1: "gemma", 2: "gemma2", 3: "gemma3_text"}
 GGUF_ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3"}
@@ -44,23 +45,7 @@ def tiny_config(family: int = 3, **overrides) -> dict:
 
 def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """HF tensor names -> shapes ``[out, in]`` of a config dict."""
-    family = {v: k for k, v in MODEL_TYPES.items()}[cfg["model_type"]]
-    D, F, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    out = {"model.embed_tokens.weight": (cfg["vocab_size"], D), "model.norm.weight": (D,)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-                    p + "self_attn.q_proj.weight": (H * d, D), p + "self_attn.k_proj.weight": (K * d, D),
-                    p + "self_attn.v_proj.weight": (K * d, D), p + "self_attn.o_proj.weight": (D, H * d),
-                    p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
-                    p + "mlp.down_proj.weight": (D, F)})
-        if family > 1:
-            out.update({p + "pre_feedforward_layernorm.weight": (D,),
-                        p + "post_feedforward_layernorm.weight": (D,)})
-        if family == 3:
-            out.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
-    return out
+    return _shapes(GemmaConfig.from_dict(cfg))
 
 
 def random_tensors(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:

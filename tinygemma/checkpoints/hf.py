@@ -9,7 +9,7 @@ import re
 from ..config import GemmaConfig
 from ..errors import CheckpointError, CheckpointNotFound
 from .safetensors_file import load_safetensors
-from .weights import Tensor, check_weights
+from .weights import Tensor, check_weights, expected_shapes
 
 # The HF Gemma 1 `post_attention_layernorm` is the pre-MLP norm; in Gemma 2/3 it is a real
 # post-attention (sandwich) norm and the pre-MLP norm is `pre_feedforward_layernorm`.
@@ -53,6 +53,11 @@ def hf_name(ours: str, family: int, prefix: str = "model.") -> str:
     _, i, part = ours.split(".", 2)
     hf_part = {ours: hf for hf, ours in {**_COMMON, **_LAYER_NAMES[family]}.items()}[part]
     return f"{prefix}layers.{i}.{hf_part}.weight"
+
+
+def hf_shapes(c: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF checkpoint of config ``c``, HF name -> shape ``[out, in]``."""
+    return {hf_name(ours, c.family): shape for ours, shape in expected_shapes(c).items()}
 
 
 def shard_files(folder: str) -> list[str]:
