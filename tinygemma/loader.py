@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 
 from .checkpoints import Weights, load_gguf, load_hf
+from .checkpoints.hf import PICKLE_SUFFIXES
 from .errors import CheckpointError, CheckpointNotFound
 from .model import Gemma
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def load(path: str | os.PathLike, cache_bytes: int | None = None, fast: bool = True,

@@ -25,7 +25,7 @@ _COMMON = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj":
 # Text weights of multimodal Gemma 3 checkpoints sit under a language-model prefix.
 _PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.|language_model\.|model\.)")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
-_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # never unpickled: they run code
 
 
 def our_name(hf_name: str, family: int) -> str | None:
@@ -83,7 +83,7 @@ def shard_files(folder: str) -> list[str]:
     others = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
     if others:
         return [os.path.join(folder, n) for n in others]
-    pickles = [n for n in os.listdir(folder) if n.endswith(_PICKLES)]
+    pickles = [n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise CheckpointError(f"{folder}: only pickle checkpoints ({', '.join(pickles)}); "
                               "tinygemma never unpickles. Convert to safetensors, or download "
