@@ -72,3 +72,12 @@ def test_gguf_norms_hold_one_plus_w_and_are_read_once():
     model = tg.load(path, fast=False)
     np.testing.assert_array_equal(model.weights["layers.0.attn_norm"] + np.float32(1),
                                   stored.data.view(np.float32).reshape(-1))
+
+
+@pytest.mark.parametrize("dtype, np_dtype", [("F16", np.float16), ("F32", np.float32)])
+def test_files_the_safetensors_package_wrote_load_exactly(tmp_path, dtype, np_dtype):
+    from tiny import random_tensors, tiny_config, write_hf
+    want = random_tensors(tiny_config(3))
+    model = tg.load(write_hf(tmp_path / "m", tensors=want, dtype=dtype), fast=False)
+    got = model.weights["layers.1.gate"]
+    np.testing.assert_array_equal(got, want["model.layers.1.mlp.gate_proj.weight"].astype(np_dtype))

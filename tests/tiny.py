@@ -5,9 +5,10 @@
     path = write_gguf(tmp_path / "g3.gguf", family=3)         # F32 tensors, a tiny vocabulary
     path = write_gguf(tmp_path / "q.gguf", qtype="Q8_0")      # quantised matrices
 
-The safetensors file is written by hand (8-byte header length, JSON header, data), with bf16
-stored as uint16, so the test needs neither torch nor the safetensors package. The GGUF file
-is written with ``gguf.GGUFWriter``; its norms hold ``1 + w`` as llama.cpp stores them.
+F16 and F32 safetensors files are written by the safetensors package; bf16 ones by hand
+(8-byte header length, JSON header, data; bf16 stored as uint16), since NumPy has no bfloat16
+for the package to write. The GGUF file is written with ``gguf.GGUFWriter``; its norms hold
+``1 + w`` as llama.cpp stores them. Tensor shapes and the family's defaults come from tinygemma.
 Any config field can be overridden: ``write_hf(p, num_hidden_layers=1, vocab_size=300)``.
 """
 
@@ -67,13 +68,16 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
 def safetensors_bytes(tensors: dict[str, np.ndarray], dtype: str = "BF16",
                       metadata: dict | None = None) -> bytes:
     """A safetensors file as bytes; float32 arrays are stored as ``dtype`` (BF16, F16, F32)."""
+    if dtype != "BF16":
+        from safetensors.numpy import save
+        as_dtype = {"F16": "<f2", "F32": "<f4"}[dtype]
+        return save({n: x.astype(as_dtype) for n, x in tensors.items()}, metadata)
     header, blobs, at = {}, [], 0
     if metadata is not None:
         header["__metadata__"] = metadata
     for name, x in tensors.items():
-        raw = {"BF16": lambda a: to_bf16(a), "F16": lambda a: a.astype("<f2"),
-               "F32": lambda a: a.astype("<f4")}[dtype](x).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(x.shape), "data_offsets": [at, at + len(raw)]}
+        raw = to_bf16(x).tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(x.shape), "data_offsets": [at, at + len(raw)]}
         blobs.append(raw)
         at += len(raw)
     text = json.dumps(header).encode()
