@@ -399,3 +399,77 @@ def test_chat_on_the_demo_says_it_is_a_base_model():
     status, out, err = run_cli("chat", stdin="")
     assert status == 0, err
     assert err.count("the demo is Gemma 3 270M base") == 1 and "instruction-tuned" in err
+
+
+# ---- perplexity --------------------------------------------------------------------------------
+def test_perplexity_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["perplexity", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "tinygemma perplexity book.txt --window 1024 --stride 512" in out
+
+
+@needs_demo
+def test_perplexity_demo_matches_transformers(capsys, tmp_path):
+    # transformers' own loss of the ~500-token text (tests/fixtures/loss_ref.json); the rest
+    # follows from it by hand: perplexity exp(loss), bits per byte loss * tokens / ln 2 / bytes.
+    import json
+    from pathlib import Path
+    import numpy as np
+    ref = json.loads((Path(__file__).parent / "fixtures" / "loss_ref.json").read_text())
+    ref = ref["demo"]["prose"]
+    path = tmp_path / "prose.txt"
+    path.write_text(ref["text"], encoding="utf-8")
+    assert cli.main(["perplexity", str(path)]) == 0
+    out = dict(line.split(maxsplit=1) for line in
+               capsys.readouterr().out.replace("bits per byte", "bpb").splitlines())
+    n = ref["n_tokens"] - 1
+    assert abs(float(out["loss"].split()[0]) - ref["loss"]) <= 2e-4  # see tests/test_loss.py
+    assert abs(float(out["perplexity"]) / np.exp(ref["loss"]) - 1) <= 2e-4
+    assert out["tokens"].startswith(f"{n:,} scored")
+    bpb = ref["loss"] * n / np.log(2) / ref["n_bytes"]
+    assert abs(float(out["bpb"].split()[0]) - bpb) <= 2e-4 * bpb
+    assert f"({ref['n_bytes']:,} bytes of UTF-8)" in out["bpb"]
+
+
+def test_perplexity_tiny_in_windows(capsys, tiny_gguf, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("hello world " * 40, encoding="utf-8")
+    assert cli.main(["perplexity", str(path), "--model", tiny_gguf, "--window", "16",
+                     "--stride", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert "loss" in out and "perplexity" in out and "bits per byte" in out
+    assert "[scored " in err
+
+
+@pytest.mark.parametrize("content, flags, words", [
+    (None, [], "nope.txt: no such file"),
+    (b"\xff\xfe bad", [], "not UTF-8 text (byte 0"),
+    (b"  \n", [], "no text to score"),
+    (b"hello", ["--stride", "0"], "--stride must be at least 1"),
+    (b"hello", ["--window", "1"], "--window must be at least 2"),
+])
+def test_perplexity_errors_before_loading(capsys, tmp_path, content, flags, words):
+    path = tmp_path / "nope.txt"
+    if content is not None:
+        path.write_bytes(content)
+    status = cli.main(["perplexity", str(path), *flags])
+    err = capsys.readouterr().err
+    assert status == 1 and err.startswith("tinygemma: error: ") and words in err, err
+    assert "loading" not in err  # refused before the model was loaded
+
+
+def test_perplexity_window_past_the_context(capsys, tiny_gguf, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("hello world", encoding="utf-8")
+    one_line_error(capsys, ["perplexity", str(path), "--model", tiny_gguf, "--window", "100000"],
+                   "window must be in [2,")
+
+
+def test_progress_advance_counts_tokens():
+    stream = FakeTTY()
+    with cli.Progress("scoring", 10, stream=stream, delay=0.0, width=10) as p:
+        p.advance(4, "tokens")
+        time.sleep(0.3)
+    assert "scoring [####------] 4/10 tokens" in stream.getvalue()

