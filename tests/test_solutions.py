@@ -37,6 +37,12 @@ def read(stem):
     return nbformat.reads((NOTEBOOKS / f"{stem}.ipynb").read_text(encoding="utf-8"), as_version=4)
 
 
+def test_the_checked_chapters_have_their_turns():
+    have = set(chapters_with_turns())
+    want = {chapter for chapter, _, _ in check.COMPONENTS.values()}
+    assert want <= have, f"no {solutions.TAG} cell in {sorted(want - have)}"
+
+
 @pytest.mark.parametrize("stem", chapters_with_turns())
 def test_committed_turns_are_stubs_with_solutions(stem):
     nb = read(stem)
