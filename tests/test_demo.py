@@ -23,17 +23,6 @@ PROMPTS = [p["name"] for p in META["prompts"]]
 CHUNK = 512  # positions per forward call: bounds the [T, 262144] logits to 0.5 GB
 
 
-@pytest.fixture(scope="module")
-def ref():
-    with np.load(FIXTURES / "demo_ref.npz") as z:
-        return {k: z[k] for k in z.files}
-
-
-@pytest.fixture(scope="module", params=["reference", "fast"])
-def model(request):
-    return tg.load_demo(fast=request.param == "fast")
-
-
 def all_position_logits(model, ids, cols):
     """(logits at ``cols`` [T, 256], argmax [T], max [T], last-position logits [V])."""
     cache = model.new_cache(len(ids))

@@ -6,27 +6,13 @@ References: transformers' logits and greedy continuation of the demo prompt
 hand from the recorded numbers.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import tinygemma as tg
 from tinygemma import explore
 
-FIXTURES = Path(__file__).parent / "fixtures"
 PROMPT = "The capital of France is"  # prompt 0 of the demo fixture
-
-
-@pytest.fixture(scope="module")
-def ref():
-    with np.load(FIXTURES / "demo_ref.npz") as z:
-        return {k: z[k] for k in z.files}
-
-
-@pytest.fixture(scope="module", params=["reference", "fast"])
-def model(request):
-    return tg.load_demo(fast=request.param == "fast")
 
 
 @pytest.fixture(scope="module")

