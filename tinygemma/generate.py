@@ -63,11 +63,12 @@ def pick(logits: np.ndarray, temperature: float, top_k, top_p, rng: np.random.Ge
 
 def generate_ids(model, ids: Sequence[int], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 ignore_eos: bool = False) -> Iterator[int]:
+                 ignore_eos: bool = False, hooks: dict | None = None) -> Iterator[int]:
     """New token ids, one at a time, until ``max_new_tokens`` or a stop token.
 
     Stop tokens are the tokenizer's EOS and ``<end_of_turn>`` (ends a chat turn); they are not
-    yielded. ``ignore_eos`` generates through them.
+    yielded. ``ignore_eos`` generates through them. ``hooks`` (see ``Gemma.forward``) apply at
+    every forward step: the prompt's, then each new token's.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     ids = model.check_ids(ids, None)
@@ -80,14 +81,15 @@ def generate_ids(model, ids: Sequence[int], max_new_tokens: int = 32, temperatur
     stop = set() if ignore_eos else set(model.tokenizer.stop_ids)
     rng = np.random.default_rng(seed)
     cache = model.new_cache(total)
-    logits = model.forward(ids, cache=cache, last_only=True)[0]  # prefill: [V]
+    logits = model.forward(ids, cache=cache, last_only=True, hooks=hooks)[0]  # prefill: [V]
     for step in range(max_new_tokens):
         token = pick(logits, temperature, top_k, top_p, rng)
         if token in stop:
             return
         yield token
         if step + 1 < max_new_tokens:
-            logits = model.forward(np.array([token]), cache=cache, last_only=True)[0]  # [V]
+            logits = model.forward(np.array([token]), cache=cache, last_only=True,
+                                   hooks=hooks)[0]  # [V]
 
 
 def prompt_ids(model, prompt) -> list[int]:
@@ -104,7 +106,7 @@ def prompt_ids(model, prompt) -> list[int]:
 
 def stream(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           ignore_eos: bool = False) -> Iterator[str]:
+           ignore_eos: bool = False, hooks: dict | None = None) -> Iterator[str]:
     """Text pieces of the continuation as they are generated.
 
     A character spread over several byte tokens comes out whole, once its last byte arrives;
@@ -112,7 +114,7 @@ def stream(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0,
     """
     decoder = model.tokenizer.stream_decoder()
     for token in generate_ids(model, prompt_ids(model, prompt), max_new_tokens, temperature,
-                              top_k, top_p, seed, ignore_eos):
+                              top_k, top_p, seed, ignore_eos, hooks):
         piece = decoder.push(token)
         if piece:
             yield piece
@@ -123,7 +125,7 @@ def stream(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0,
 
 def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             ignore_eos: bool = False) -> str:
+             ignore_eos: bool = False, hooks: dict | None = None) -> str:
     """The continuation only: the decode of the new ids, not stripped."""
     return "".join(stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                          ignore_eos))
+                          ignore_eos, hooks))

@@ -915,7 +915,8 @@ class FastGemma(Gemma):
     layers' fit in ``keep_f32_bytes``, else decoded a tile of rows at a time.
     ``projections``: q, k, v (and gate, up) stacked, one matvec for each group.
     ``attend``: a kernel over the cache for up to ``SMALL_T`` queries; for more, the products
-    on BLAS around an in-place masked softmax; the reference whenever probabilities are wanted.
+    on BLAS around an in-place masked softmax (when probabilities are wanted, the reference
+    computes them beside it).
     ``norm``, ``rope``, ``geglu``: one pass each instead of several NumPy operations.
     Kernels for decoded tokens run on all cores (``TINYGEMMA_THREADS`` caps them); in a
     prefill, Numba runs on the calling thread beside BLAS's threads.
@@ -1058,9 +1059,10 @@ class FastGemma(Gemma):
                 out[kh * G:(kh + 1) * G, t0:t1] = pv.reshape(G, t1 - t0, d)
 
     def attend(self, q, cache: KVCache, i: int, positions, want_probs: bool):
+        """The kernels' output always, so that a traced or stepped pass computes what
+        ``forward`` does; the probabilities, when wanted, from the reference."""
         T = q.shape[1]
-        if want_probs:
-            return super().attend(q, cache, i, positions, want_probs)
+        probs = super().attend(q, cache, i, positions, True)[1] if want_probs else None
         c = self.config
         window = c.window(i) or 0
         pos0 = int(positions[0])
@@ -1068,11 +1070,11 @@ class FastGemma(Gemma):
         out = np.empty(q.shape, np.float32)  # [H, T, d]
         if T > SMALL_T:
             self._attend_blocks(q, cache.k[i], cache.v[i], pos0, window, out)
-            return out, None
+            return out, probs
         self._launch(attend_cache, np.ascontiguousarray(q, dtype=np.float32), cache.k[i],
                      cache.v[i], pos0, first, window, float(c.attn_scale),
                      float(c.attn_logit_softcap or 0.0), self.threads, out)
-        return out, None
+        return out, probs
 
 
 __all__ = ["FastGemma", "FORMATS", "Packed", "attend_cache", "stored_bytes"]

@@ -110,9 +110,19 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, sca
     if cap is not None:
         scores = softcap(scores, cap)  # [K, G*T, S] (Gemma 2)
     scores = np.where(np.tile(mask, (H // K, 1)), scores, -np.inf)  # [K, G*T, S]
-    probs = softmax(scores)  # [K, G*T, S]
-    out = probs @ v  # [K, G*T, d]
-    return out.reshape(H, T, d), probs.reshape(H, T, S)
+    probs = softmax(scores).reshape(H, T, S)  # [H, T, S]
+    return weigh_values(probs, v), probs  # [H, T, d], [H, T, S]
+
+
+def weigh_values(probs: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Each query's average of the values, weighted by its attention probabilities: ``probs v``.
+
+    ``probs [H, T, S]``, ``v [K, S, d]``: the ``G = H / K`` heads of a group read one KV head.
+    """
+    H, T, S = probs.shape
+    K, _, d = v.shape
+    out = probs.reshape(K, (H // K) * T, S) @ v  # [K, G*T, d]
+    return out.reshape(H, T, d)  # [H, T, d]
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:

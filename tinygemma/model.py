@@ -20,6 +20,7 @@ Shape legend as in ``layers.py``.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -27,6 +28,8 @@ from . import layers as L
 from .checkpoints.weights import Weights
 from .config import GemmaConfig
 from .evaluate import token_nll
+from .trace import (NOBODY, Chain, Hooks, Stepper, Tape, ambient_hooks, pop_hooks, push_hooks,
+                    step_names)
 
 
 class KVCache:
@@ -52,6 +55,7 @@ class Gemma:
         self.weights = weights
         self._tokenizer = tokenizer  # a Tokenizer, or a function that loads one when first used
         self._loading = threading.Lock()  # threads sharing the model build the tokenizer once
+        self.names = step_names(config)  # the named points of a pass, in order
 
     @property
     def tokenizer(self):
@@ -64,22 +68,53 @@ class Gemma:
         return self._tokenizer
 
     # ---- public API ------------------------------------------------------------------------
-    def forward(self, ids, last_only: bool = False, cache: KVCache | None = None) -> np.ndarray:
+    def forward(self, ids, last_only: bool = False, cache: KVCache | None = None,
+                hooks: dict | None = None) -> np.ndarray:
         """Logits ``[T, V]`` (``[1, V]`` with ``last_only``) of the tokens ``ids``.
 
         With a ``cache`` the tokens continue the positions already in it (KV-cache decoding);
-        without one they form a whole sequence.
+        without one they form a whole sequence. ``hooks`` maps names of the pass
+        (:func:`tinygemma.trace.step_names`) to ``fn(value, name)``, whose result (unless None)
+        replaces the value there for the rest of the pass.
         """
         ids = self.check_ids(ids, cache)
+        at = self._listener(hooks)
         cache = cache if cache is not None else self.new_cache(len(ids))
-        return self._forward(ids, cache, last_only, tape=None)
+        return self._forward(ids, cache, last_only, at)
 
     def trace(self, ids) -> dict[str, np.ndarray]:
         """Every intermediate of a forward pass by a stable name (see :mod:`tinygemma.trace`)."""
         ids = self.check_ids(ids, None)
-        tape: dict[str, np.ndarray] = {}
-        self._forward(ids, self.new_cache(len(ids)), False, tape)
-        return tape
+        tape = Tape()
+        self._forward(ids, self.new_cache(len(ids)), False, self._listener(None, then=tape))
+        return tape.values
+
+    def steps(self, ids, cache: KVCache | None = None) -> Stepper:
+        """A forward pass that pauses at each named point (:class:`tinygemma.trace.Stepper`).
+
+        Nothing runs until the first ``next()``. Stepped to its end it gives exactly
+        ``forward(ids)`` (and fills ``cache`` as ``forward`` would); a value replaced where it
+        is paused is what the rest of the pass uses.
+        """
+        ids = self.check_ids(ids, cache)
+        cache = cache if cache is not None else self.new_cache(len(ids))
+        hooks = ambient_hooks(self)
+        return Stepper(lambda pause: self._forward(ids, cache, False, self._listener(
+            None, then=pause, ambient=hooks)), self.names)
+
+    @contextmanager
+    def hooks(self, hooks: dict):
+        """Hooks on every forward pass of this model inside the block (``forward``, ``trace``,
+        ``steps``, generation), in this thread only::
+
+            with model.hooks({"layers.3.resid_mlp": fn}):
+                text = tg.generate(model, prompt)
+        """
+        token = push_hooks(self, Hooks(hooks, self.names))
+        try:
+            yield self
+        finally:
+            pop_hooks(token)
 
     def loss(self, ids) -> float:
         """Mean next-token cross-entropy in nats: ``-log p(ids[t] | ids[:t])`` over t = 1 .. T-1.
@@ -112,42 +147,54 @@ class Gemma:
             raise ValueError(f"{end} positions exceed the KV cache of {cache.max_len}")
         return ids.astype(np.int64)
 
+    def _listener(self, hooks, then=None, ambient=False):
+        """Who listens at the named points: the hooks of ``with model.hooks(...)`` blocks (or
+        ``ambient``, found in the calling thread already), then ``hooks``, then ``then``."""
+        found = [ambient_hooks(self) if ambient is False else ambient]
+        if hooks:
+            found.append(Hooks(hooks, self.names))
+        found.append(then)
+        at = NOBODY
+        for listener in filter(None, found):
+            at = listener if at is NOBODY else Chain(at, listener)
+        return at
+
     # ---- the forward pass ------------------------------------------------------------------
-    def _forward(self, ids, cache, last_only, tape):
+    # At each named point the pass hands its value to ``at`` and goes on with what it gets
+    # back: nothing happens in a plain forward; trace records, hooks may replace, steps pause.
+    def _forward(self, ids, cache, last_only, at):
         c, W = self.config, self.weights
         positions = np.arange(cache.pos, cache.pos + len(ids))  # [T]
         # RoPE angles once per forward for each (base, scale) in use: local and global layers
         bases = {(c.rope_base(i), c.rope_scale(i)) for i in range(c.num_layers)}
         angles = {b: L.rope_angles(positions, c.head_dim, *b) for b in bases}  # [T, d] cos, sin
-        x = L.embed(W.table("embed"), ids)  # [T, D]
-        keep(tape, "embed", x)
+        x = at("embed", L.embed(W.table("embed"), ids))  # [T, D]
         for i in range(c.num_layers):
             rope = angles[(c.rope_base(i), c.rope_scale(i))]
-            x = self._block(i, x, positions, rope, cache, tape)  # [T, D]
+            x = self._block(i, x, positions, rope, cache, at)  # [T, D]
         cache.pos += len(ids)
         if last_only:
             x = x[-1:]  # [1, D]: the LM head only where logits are needed
-        x = self.norm(x, "final_norm")  # [T, D]
-        keep(tape, "final_norm", x)
+        x = at("final_norm", self.norm(x, "final_norm"))  # [T, D]
         logits = self.linear(x, "embed" if c.tie_word_embeddings else "lm_head")  # [T, V]: x E^T
         if c.final_logit_softcap:
             logits = L.softcap(logits, c.final_logit_softcap)  # [T, V] (Gemma 2)
-        return keep(tape, "logits", logits)
+        return at("logits", logits)
 
-    def _block(self, i, x, positions, rope, cache, tape):
+    def _block(self, i, x, positions, rope, cache, at):
         c, p = self.config, f"layers.{i}."
-        h = keep(tape, p + "attn_norm", self.norm(x, p + "attn_norm"))
-        h = keep(tape, p + "attn_out", self._attention(i, h, positions, rope, cache, tape))
+        h = at(p + "attn_norm", self.norm(x, p + "attn_norm"))
+        h = at(p + "attn_out", self._attention(i, h, positions, rope, cache, at))
         if c.sandwich_norms:
-            h = keep(tape, p + "post_attn_norm", self.norm(h, p + "post_attn_norm"))
-        x = keep(tape, p + "resid_attn", x + h)  # [T, D]
-        h = keep(tape, p + "mlp_norm", self.norm(x, p + "mlp_norm"))
-        h = keep(tape, p + "mlp_out", self._mlp(i, h, tape))
+            h = at(p + "post_attn_norm", self.norm(h, p + "post_attn_norm"))
+        x = at(p + "resid_attn", x + h)  # [T, D]
+        h = at(p + "mlp_norm", self.norm(x, p + "mlp_norm"))
+        h = at(p + "mlp_out", self._mlp(i, h, at))
         if c.sandwich_norms:
-            h = keep(tape, p + "post_mlp_norm", self.norm(h, p + "post_mlp_norm"))
-        return keep(tape, p + "resid_mlp", x + h)  # [T, D]
+            h = at(p + "post_mlp_norm", self.norm(h, p + "post_mlp_norm"))
+        return at(p + "resid_mlp", x + h)  # [T, D]
 
-    def _attention(self, i, x, positions, rope, cache, tape):
+    def _attention(self, i, x, positions, rope, cache, at):
         c, p = self.config, f"layers.{i}."
         T, H, K, d = len(x), c.num_heads, c.num_kv_heads, c.head_dim
         q, k, v = self.projections(x, p + "q", p + "k", p + "v")  # [T, H*d], [T, K*d], [T, K*d]
@@ -159,17 +206,20 @@ class Gemma:
             k = self.norm(k, p + "k_norm")  # [K, T, d]
         cos, sin = rope  # [T, d]: this layer's RoPE base (Gemma 3: local or global)
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)  # [H, T, d], [K, T, d]
-        keep(tape, p + "q", q), keep(tape, p + "k", k), keep(tape, p + "v", v)
+        q, k, v = at(p + "q", q), at(p + "k", k), at(p + "v", v)
         start, end = positions[0], positions[-1] + 1
         cache.k[i][:, start:end], cache.v[i][:, start:end] = k, v  # [K, T, d] into [K, S, d]
-        out, probs = self.attend(q, cache, i, positions, tape is not None)  # [H, T, d]
-        keep(tape, p + "attn_probs", probs)
+        out, probs = self.attend(q, cache, i, positions, at.wants(p + "attn_probs"))  # [H, T, d]
+        edited = at(p + "attn_probs", probs)  # [H, T, S]
+        if edited is not probs:  # the heads average the values with the edited pattern
+            out = L.weigh_values(edited, cache.v[i][:, end - edited.shape[-1]:end])  # [H, T, d]
+        out = at(p + "attn_heads", out)  # [H, T, d]
         return self.linear(out.transpose(1, 0, 2).reshape(T, H * d), p + "o")  # [T, H*d] -> [T, D]
 
-    def _mlp(self, i, x, tape):
+    def _mlp(self, i, x, at):
         p = f"layers.{i}."
         gate, up = self.projections(x, p + "gate", p + "up")  # [T, D] -> [T, F], [T, F]
-        keep(tape, p + "gate", gate), keep(tape, p + "up", up)
+        gate, up = at(p + "gate", gate), at(p + "up", up)
         return self.linear(self.geglu(gate, up), p + "down")  # [T, F] -> [T, D]
 
     # ---- the six operations the fast path replaces -----------------------------------------
@@ -202,10 +252,3 @@ class Gemma:
         mask = L.causal_mask(positions, keys, window)  # [T, S]
         k, v = cache.k[i][:, first:keys[-1] + 1], cache.v[i][:, first:keys[-1] + 1]  # [K, S, d]
         return L.attention(q, k, v, mask, c.attn_scale, c.attn_logit_softcap)
-
-
-def keep(tape: dict | None, name: str, x: np.ndarray) -> np.ndarray:
-    """Record an intermediate when tracing; return it unchanged."""
-    if tape is not None:
-        tape[name] = x
-    return x
