@@ -11,6 +11,7 @@ from tinygemma import Gemma, GemmaConfig
 from tinygemma.checkpoints.weights import Tensor, Weights, expected_shapes
 from tinygemma.lens import (ablate_heads, logit_lens, residual_norms, top_k_ids, top_tokens,
                             unembed)
+from tinygemma.trace import ambient_hooks
 
 
 class Pieces:
@@ -150,7 +151,7 @@ def test_ablation_leaves_earlier_layers_and_restores_the_model(tiny):
     np.testing.assert_array_equal(during["layers.0.resid_mlp"], before["layers.0.resid_mlp"])
     np.testing.assert_array_equal(during["layers.1.attn_probs"], before["layers.1.attn_probs"])
     assert not np.array_equal(during["layers.1.attn_out"], before["layers.1.attn_out"])
-    assert "attend" not in vars(tiny)
+    assert ambient_hooks(tiny) is None  # no hook left behind
     np.testing.assert_array_equal(tiny.forward(IDS), before["logits"])
 
 
@@ -158,11 +159,13 @@ def test_nested_ablations_compose(tiny):
     with ablate_heads(tiny, {(0, 0), (1, 1)}):
         both = tiny.forward(IDS)
     with ablate_heads(tiny, {(0, 0)}):
+        outer = tiny.forward(IDS)
         with ablate_heads(tiny, {(1, 1)}):
             nested = tiny.forward(IDS)
-        assert "attend" in vars(tiny)  # the outer ablation is back in place
+        np.testing.assert_array_equal(tiny.forward(IDS), outer)  # the outer ablation is back
     np.testing.assert_array_equal(nested, both)
-    assert "attend" not in vars(tiny)
+    assert not np.array_equal(outer, both)
+    assert ambient_hooks(tiny) is None
 
 
 def test_ablation_rejects_heads_that_do_not_exist(tiny):

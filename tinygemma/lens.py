@@ -144,36 +144,30 @@ def top_tokens(model, logits: np.ndarray, k: int = 5) -> list[tuple[int, str, fl
 def ablate_heads(model, heads):
     """Zero the attention output of the given ``(layer, head)`` pairs inside the block.
 
-    Wraps ``model.attend`` (which every attention call goes through, the reference and the
-    fast path alike) so that head ``h`` of layer ``l`` contributes nothing to the o projection:
-    zero-ablation. The attention probabilities recorded by ``trace`` are left as computed (the
-    head still looks; its answer is dropped). The model is restored on leaving the block::
+    A hook (``model.hooks``) on each layer's ``attn_heads``, the heads' outputs before the o
+    projection, the reference and the fast path alike: head ``h`` of layer ``l`` contributes
+    nothing to the o projection (zero-ablation). The attention probabilities recorded by
+    ``trace`` are left as computed (the head still looks; its answer is dropped). Only this
+    thread's passes inside the block are ablated::
 
         with ablate_heads(model, {(3, 1)}):
             ablated = model.forward(ids)
     """
-    c = model.config
+    with model.hooks(head_ablation_hooks(model.config, heads)):
+        yield model
+
+
+def head_ablation_hooks(config, heads) -> dict:
+    """Hooks (for ``forward``, ``generate``) zeroing the outputs of ``(layer, head)`` pairs."""
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in heads:
-        if not (0 <= layer < c.num_layers and 0 <= head < c.num_heads):
-            raise ValueError(f"no head ({layer}, {head}): the model has {c.num_layers} layers "
-                             f"of {c.num_heads} heads")
+        if not (0 <= layer < config.num_layers and 0 <= head < config.num_heads):
+            raise ValueError(f"no head ({layer}, {head}): the model has {config.num_layers} "
+                             f"layers of {config.num_heads} heads")
         by_layer[int(layer)].append(int(head))
-    had_own = "attend" in vars(model)  # an instance attribute already (e.g. nested ablations)
-    inner = model.attend
 
-    def attend(q, cache, i, positions, want_probs):
-        out, probs = inner(q, cache, i, positions, want_probs)  # [H, T, d]
-        if i in by_layer:
-            out = out.copy()
-            out[by_layer[i]] = 0  # the ablated heads' outputs
-        return out, probs
-
-    model.attend = attend
-    try:
-        yield model
-    finally:
-        if had_own:
-            model.attend = inner
-        else:
-            del model.attend
+    def zero(out, name):  # [H, T, d]
+        out = out.copy()
+        out[by_layer[int(name.split(".")[1])]] = 0  # the ablated heads' outputs
+        return out
+    return {f"layers.{layer}.attn_heads": zero for layer in by_layer}
