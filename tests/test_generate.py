@@ -64,7 +64,7 @@ class Scripted:
         self.config, self.tokenizer, self.script = demo.config, demo.tokenizer, list(script)
         self.check_ids, self.new_cache = demo.check_ids, demo.new_cache
 
-    def forward(self, ids, cache=None, last_only=False):
+    def forward(self, ids, cache=None, last_only=False, hooks=None):
         logits = np.zeros((1, self.config.vocab_size), np.float32)
         logits[0, self.script.pop(0)] = 1.0
         return logits
