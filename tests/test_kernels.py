@@ -1,6 +1,6 @@
 """The fast path equals the reference path.
 
-* every format's decoding in ``kernels.py`` (read as stored, or unpacked to int8 + scales)
+* every format's decoding in ``kernels/`` (read as stored, or unpacked to int8 + scales)
   gives bit for bit the float32 weights of ``gguf.quants.dequantize`` (GGUF blocks) or of the
   plain decoding (bf16, f16, f32);
 * every matvec kernel equals ``x @ W.T`` on those weights, to float32 rounding;
@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from tinygemma import kernels as K
+from tinygemma.kernels import fast_model
 from tinygemma import layers as L
 from tinygemma.checkpoints.gguf_file import GGUFTensor
 from tinygemma.checkpoints.weights import BF16Tensor, F16Tensor, Tensor, Weights
@@ -147,7 +148,7 @@ def test_fast_linear_every_T(kind, T, monkeypatch):
     rng = np.random.default_rng(T)
     t = make_tensor(kind, 300, 512, rng)
     model = K.FastGemma(gemma_config(), Weights({"w": t}))
-    monkeypatch.setattr(K, "TILE_ELEMS", 512 * 64)  # 64 rows a tile: 5 tiles, the last short
+    monkeypatch.setattr(fast_model, "TILE_ELEMS", 512 * 64)  # 64 rows a tile: 5 tiles, the last short
     x = rng.standard_normal((T, 512)).astype(np.float32)
     assert_close_products(model.linear(x, "w"), x, t.f32())
 
@@ -184,7 +185,7 @@ def test_projections_stacked_equal_linear(kinds, rows, stacked, T):
 @pytest.mark.parametrize("window, cap", [(None, None), (5, None), (None, 50.0), (1, 30.0)])
 @pytest.mark.parametrize("block", [5, K.QUERY_BLOCK])
 def test_attend_kernel_equals_reference(H, Kv, window, cap, block, monkeypatch):
-    monkeypatch.setattr(K, "QUERY_BLOCK", block)  # prefill: several blocks of queries
+    monkeypatch.setattr(fast_model, "QUERY_BLOCK", block)  # prefill: several blocks of queries
     rng = np.random.default_rng(H * 7 + Kv)
     d, S = 16, 24
     cfg = gemma_config(num_heads=H, num_kv_heads=Kv, head_dim=d, attn_logit_softcap=cap,

@@ -64,7 +64,7 @@ def test_read_only_package_and_home_cache_in_the_temp_dir(tmp_path):
     assert len(notices) == 1 and str(fallback) in notices[0], p.stderr
     assert "NUMBA_CACHE_DIR" in notices[0]
     # the compiled kernel landed there, in a folder only this user can write
-    assert glob.glob(str(fallback / "*" / "kernels.rms_norm_rows-*.nbi"))
+    assert glob.glob(str(fallback / "*" / "attention.rms_norm_rows-*.nbi"))
     assert stat.S_IMODE(fallback.stat().st_mode) == 0o700
 
 
@@ -97,3 +97,39 @@ def test_no_usable_temp_dir_means_no_cache(monkeypatch, capsys):
     assert numba_cache.choose_cache_dir() is None
     assert "compiled at every start" in capsys.readouterr().err
     assert "NUMBA_CACHE_DIR" not in os.environ
+
+
+# Calls geglu_rows (attention.py), which inlines _exp from _llvm.py: gelu_tanh(1) = 0.8412.
+HELPER_PROBE = """
+import numpy as np
+from tinygemma import kernels
+out = np.empty((1, 1), np.float32)
+kernels.geglu_rows(np.ones((1, 1), np.float32), np.ones((1, 1), np.float32), out)
+print(float(out[0, 0]))
+"""
+
+
+def test_editing_a_helper_in_another_file_recompiles(tmp_path):
+    """Numba's cache=True notices only a change in the kernel's own file (numba issue 1833);
+    tinygemma stamps the kernels with a hash of all of kernels/. Edit ``_exp`` in _llvm.py to
+    return 0 (then gelu_tanh(1) = 1 * sigmoid(...) computed from exp = 0 is 1.0): the cached
+    geglu_rows of attention.py must not be reused."""
+    site = tmp_path / "site"
+    shutil.copytree(os.path.dirname(tinygemma.__file__), site / "tinygemma",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update(PYTHONPATH=str(site), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+
+    def run():
+        p = subprocess.run([sys.executable, "-c", HELPER_PROBE], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return float(p.stdout)
+
+    assert abs(run() - 0.8412) < 1e-3  # compiled, and cached
+    assert glob.glob(str(tmp_path / "cache" / "*" / "attention.geglu_rows-*.nbi"))
+    llvm = site / "tinygemma" / "kernels" / "_llvm.py"
+    text = llvm.read_text()
+    assert "    if x < f32(-87.33654):" in text
+    llvm.write_text(text.replace("    if x < f32(-87.33654):", "    if x < f32(1e30):"))
+    assert run() == 1.0

@@ -1,7 +1,7 @@
 """The components of Gemma as pure NumPy functions: no I/O, no globals.
 
 This is the reference path: every function computes in float32 exactly the way Hugging Face
-transformers does, so that the logits match it. The fast path (``kernels.py``) is tested equal
+transformers does, so that the logits match it. The fast path (``kernels/``) is tested equal
 to these functions.
 
 Shape legend: ``T`` tokens, ``S`` key positions, ``D`` hidden size, ``H`` query heads,

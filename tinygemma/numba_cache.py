@@ -1,4 +1,4 @@
-"""Where Numba caches the compiled kernels: decided before ``kernels.py`` decorates them.
+"""Where Numba caches the compiled kernels: decided before ``kernels/`` decorates them.
 
 Numba compiles the kernels on first use (20-60 s) and caches the machine code, so later starts
 load it in about a second. It picks the cache folder when a kernel is decorated, trying in
@@ -8,10 +8,16 @@ account) the import fails with "cannot cache function ...: no locator available"
 places are tried here first; if none is writable, the cache goes to a folder of this user's
 under the temporary directory (``tempfile.gettempdir()``), and if that fails too the kernels
 are compiled at every start. Either fallback says so in one line on stderr.
+
+Numba decides whether a cached kernel is stale by a hash of the kernel's own file only, but
+the kernels inline helpers from the other files of ``kernels/`` (numba issue 1833): an edited
+helper would leave stale machine code in use. So every kernel of ``kernels/`` is stamped with
+one hash of all those files (``stamp_kernels_cache``): editing any of them recompiles them all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import sys
@@ -21,6 +27,7 @@ from numba import config
 from numba.misc.appdirs import AppDirs
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+KERNELS_DIR = os.path.join(PACKAGE_DIR, "kernels")
 
 
 def _writable(path: str) -> bool:
@@ -76,6 +83,52 @@ def choose_cache_dir() -> str | None:
 
 
 CACHE_DIR = choose_cache_dir()
+
+
+def kernels_source_hash() -> bytes:
+    """SHA-256 of the names and contents of every ``.py`` file of ``kernels/``."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(KERNELS_DIR)):
+        if name.endswith(".py"):
+            with open(os.path.join(KERNELS_DIR, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.digest()
+
+
+def stamp_kernels_cache() -> None:
+    """Make Numba stamp the cache of every kernel in ``kernels/`` with ``kernels_source_hash``.
+
+    Numba picks a cache locator per function from ``CacheImpl._locator_classes`` when the
+    function is decorated; each of them gets a variant, tried first, that takes only the files
+    of ``kernels/`` and whose source stamp is the hash of them all (so the folders stay
+    Numba's own choice, NUMBA_CACHE_DIR and the fallback above included). Other code's
+    ``cache=True`` is left alone. Must run before ``kernels/`` is imported.
+    """
+    from numba.core import caching
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    if impl is None or getattr(impl, "_tinygemma_stamped", False):
+        return  # None: Numba's internals moved, its own stamps (the trap above) stay
+    stamp = kernels_source_hash()
+
+    def stamped(locator):
+        class KernelsLocator(locator):
+            @classmethod
+            def from_function(cls, py_func, py_file):
+                if os.path.dirname(os.path.abspath(py_file)) != KERNELS_DIR:
+                    return None
+                return super().from_function(py_func, py_file)
+
+            def get_source_stamp(self):
+                return stamp
+        KernelsLocator.__name__ = KernelsLocator.__qualname__ = "Kernels" + locator.__name__
+        return KernelsLocator
+
+    originals = list(impl._locator_classes)
+    impl._locator_classes = [stamped(c) for c in originals] + originals
+    impl._tinygemma_stamped = True
+
+
+stamp_kernels_cache()
 
 
 def is_cold(*modules) -> bool:

@@ -2,7 +2,7 @@
 
 Tensors stay compact (memory-mapped bf16 as uint16, GGUF quantised blocks as stored) and are
 decoded to float32 one matrix at a time as the forward pass needs them, so Gemma 7B in bf16
-(17 GB) runs in 24 GB of memory. The fast path (``kernels.py``) reads the compact form.
+(17 GB) runs in 24 GB of memory. The fast path (``kernels/``) reads the compact form.
 
 Our names (the same for Hugging Face and GGUF checkpoints)::
 

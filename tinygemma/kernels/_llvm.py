@@ -1,0 +1,166 @@
+"""What every kernel shares: Numba's options, and the LLVM-level helpers Numba lacks.
+
+Bit casts LLVM does in one instruction (float16 and bfloat16 bits to float32, ``2**n``), the
+typed accessors of stored 16-bit floats and of panels, a vectorised ``exp`` for the softmax,
+and accumulator lanes that stay in SIMD registers.
+
+The kernels in the other files inline these helpers: Numba's ``cache=True`` would not notice
+a change here (numba issue 1833), so :mod:`tinygemma.numba_cache` stamps every kernel's cache
+with a hash of all the files of ``kernels/``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from ..numba_cache import CACHE_DIR  # a writable cache folder, or None: decided before decorating
+
+# Reassociation lets LLVM split a sum over SIMD lanes (the order of float32 additions);
+# contraction fuses a multiply-add (one rounding); 'arcp' may divide by multiplying with a
+# reciprocal; 'nsz' ignores the sign of zero. Results move by rounding, far inside the test
+# tolerance. No 'nnan'/'ninf': the attention mask uses -inf.
+FAST = {"reassoc", "contract", "nsz", "arcp"}
+# error_model="numpy": no check for division by zero, which would stop a loop vectorising.
+JIT = dict(cache=CACHE_DIR is not None, nogil=True, error_model="numpy")
+f32 = np.float32
+
+
+# ---- bit casts LLVM does in one instruction --------------------------------------------------
+@intrinsic
+def _half(typingctx, lo, hi):
+    """The float16 stored in bytes ``lo, hi`` (little endian), exactly, as float32."""
+    sig = types.float32(types.uint8, types.uint8)
+
+    def codegen(context, builder, signature, args):
+        i16 = ir.IntType(16)
+        bits = builder.or_(builder.zext(args[0], i16),
+                           builder.shl(builder.zext(args[1], i16), ir.Constant(i16, 8)))
+        return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
+    return sig, codegen
+
+
+@intrinsic
+def _half16(typingctx, u):
+    """The float16 whose bits are the uint16 ``u``, exactly, as float32."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return sig, codegen
+
+
+@intrinsic
+def _bf16(typingctx, u):
+    """The bfloat16 whose bits are the uint16 ``u``: ``u << 16`` read as float32 (exact)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(bits, ir.FloatType())
+    return sig, codegen
+
+
+@intrinsic
+def _pow2(typingctx, n):
+    """``2**n`` as float32 for an integer ``n`` in [-126, 127]: exponent bits ``(n + 127) << 23``."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.shl(builder.add(args[0], ir.Constant(i32, 127)), ir.Constant(i32, 23))
+        return builder.bitcast(bits, ir.FloatType())
+    return sig, codegen
+
+
+# Numba has no float16 or bfloat16 arrays, so 16-bit floats are held as their bits, and the
+# integer type says which: uint16 for bfloat16, int16 for float16 (a view, no copy).
+def _as_f32(v):
+    """A stored value as float32, exactly: bfloat16 bits (uint16), float16 bits (int16) or a
+    float32."""
+
+
+@overload(_as_f32)
+def _as_f32_impl(v):
+    if v == types.uint16:
+        return lambda v: _bf16(v)
+    if v == types.int16:
+        return lambda v: _half16(np.uint16(v))
+    return lambda v: f32(v)
+
+
+# A panel holds one int8 per weight, or for 4-bit types (Q4_K) two weights per uint8: the
+# weight at position c in the low nibble of byte c // 2 when c is even, in the high one if odd.
+def _q_at(qp, p, c, lane):
+    """The weight at position ``c`` of lane ``lane`` in panel ``p``, as float32."""
+
+
+@overload(_q_at)
+def _q_at_impl(qp, p, c, lane):
+    if qp.dtype == types.uint8:
+        return lambda qp, p, c, lane: f32((qp[p, c >> 1, lane] >> (4 * (c & 1))) & 15)
+    return lambda qp, p, c, lane: f32(qp[p, c, lane])
+
+
+def _q_put(qp, p, c, lane, v):
+    """Store weight ``v`` at position ``c`` (a nibble panel must start zeroed)."""
+
+
+@overload(_q_put)
+def _q_put_impl(qp, p, c, lane, v):
+    if qp.dtype == types.uint8:
+        def put(qp, p, c, lane, v):
+            qp[p, c >> 1, lane] |= np.uint8((v & 15) << (4 * (c & 1)))
+        return put
+
+    def put_int8(qp, p, c, lane, v):
+        qp[p, c, lane] = v
+    return put_int8
+
+
+@njit(inline="always", fastmath=FAST)
+def _exp(x):
+    """``exp(x)`` for float32 ``x <= 0`` (softmax), within 1.3 ulp of the exact value.
+
+    ``np.exp`` in a Numba loop is a call to libm per element (this Numba has no SVML), 4 ns
+    each; this one vectorises (0.2 ns; its one test becomes a select). Cephes' ``expf``:
+    ``x = n ln2 + r`` with ``|r| <= ln2 / 2``, a degree-6 polynomial for ``exp(r)``, and
+    ``2**n`` built from bits. Below -87.3 the result would be subnormal; it is 0."""
+    if x < f32(-87.33654):
+        return f32(0)
+    n = np.floor(x * f32(1.44269504) + f32(0.5))  # round(x / ln2)
+    r = x - n * f32(0.693359375) + n * f32(2.12194440e-4)  # x - n ln2, ln2 in two parts
+    p = f32(1.9875691500e-4)
+    p = p * r + f32(1.3981999507e-3)
+    p = p * r + f32(8.3334519073e-3)
+    p = p * r + f32(4.1665795894e-2)
+    p = p * r + f32(1.6666665459e-1)
+    p = p * r + f32(5.0000001201e-1)
+    p = p * r * r + r + f32(1)  # exp(r)
+    return p * _pow2(np.int32(n))
+
+
+@intrinsic
+def _stack_lanes(typingctx):
+    """128 float32 on the stack (uninitialised), as a pointer for ``carray``.
+
+    The panel matvec accumulates into 80 of them (four groups' 16 rows, and the rows' sums).
+    In an ``np.empty`` array (on the heap) LLVM must load and store them at every step; on
+    the stack, with constant indices, it keeps them in SIMD registers (that made the former
+    row-major Q8_0 LM head 1.9x faster)."""
+    sig = types.CPointer(types.float32)()
+
+    def codegen(context, builder, signature, args):
+        lanes = cgutils.alloca_once(builder, ir.ArrayType(ir.FloatType(), 128))
+        return builder.bitcast(lanes, ir.PointerType(ir.FloatType()))
+    return sig, codegen
+
+
+@njit(inline="always")
+def _lanes():
+    """128 float32 accumulator lanes that live in registers (see ``_stack_lanes``)."""
+    return carray(_stack_lanes(), (128,))

@@ -1,0 +1,259 @@
+""":class:`FastGemma`: the reference model with six methods on the kernels.
+
+The reference path (``layers.py``, ``model.py``) decodes every weight matrix to float32 and
+multiplies with NumPy. :class:`FastGemma` overrides only :meth:`Gemma.linear`,
+:meth:`Gemma.projections` (q, k, v in one matvec, gate and up in another),
+:meth:`Gemma.attend`, :meth:`Gemma.norm`, :meth:`Gemma.rope` and :meth:`Gemma.geglu`; the
+forward pass itself stays the readable one in ``model.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numba
+import numpy as np
+from numba import config as numba_config, set_num_threads
+
+from ..model import Gemma, KVCache
+from ._llvm import f32
+from .attention import attend_cache, geglu_rows, masked_softmax, rms_norm_rows, rope_rows
+from .matvec import TILE_ELEMS, Packed
+from .quant import FORMATS
+
+SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, decoded tiles and BLAS
+QUERY_BLOCK = 128  # prefill attention: queries per block (see FastGemma._attend_blocks)
+KEEP_F32_BYTES = 512 << 20  # prefill keeps the layers' matrices in float32 if all fit in this
+
+
+_LAUNCHING = threading.Lock()
+_local = threading.local()  # per calling thread: the Numba thread count set there
+_layer: list[str] = []  # Numba's threading layer, known once a parallel region has run
+
+
+def launch(threads: int, kernel, *args) -> None:
+    """Run a parallel kernel on ``threads`` threads, from any calling thread.
+
+    Numba's thread count is a setting of each calling thread, so it is applied in every thread
+    that launches. OpenMP and TBB run parallel regions of several calling threads at once;
+    Numba's ``workqueue`` layer (where neither is installed) aborts the process instead, so
+    there (and until the first region has told which layer runs) launches take turns.
+    """
+    if getattr(_local, "threads", None) != threads:
+        set_num_threads(min(threads, numba_config.NUMBA_NUM_THREADS))
+        _local.threads = threads
+    if _layer and _layer[0] != "workqueue":
+        kernel(*args)
+        return
+    with _LAUNCHING:
+        kernel(*args)
+        if not _layer:
+            _layer.append(numba.threading_layer())
+
+
+def decoded_t(w: Packed) -> np.ndarray:
+    """``W^T`` in float32, contiguous ``[in, out]``: BLAS multiplies by it 2-4% faster than by
+    a ``W.T`` view (prefill of a small model keeps these)."""
+    decoded = np.empty(w.shape, np.float32)  # [out, in]
+    w.decode(0, w.shape[0], decoded)
+    return np.ascontiguousarray(decoded.T)  # [in, out]
+
+
+def tune_malloc() -> None:
+    """Keep NumPy's temporaries up to 32 MB on the heap (glibc ``mallopt``), once per process.
+
+    The forward pass allocates and frees arrays of a few MB per operation (prefill activations
+    ``[T, F]``, logits ``[1, V]``). With glibc's defaults, a prefill that follows decoded
+    tokens finds the heap trimmed and faults its pages in again: 135,000 page faults (540 MB
+    zeroed by the kernel) and ~25% more time for a 500-token prefill of the demo, measured
+    with ``getrusage``. Raising the mmap and trim thresholds keeps that memory for reuse.
+    ``TINYGEMMA_MALLOPT=0`` leaves the allocator alone.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or os.environ.get("TINYGEMMA_MALLOPT") == "0":
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD: keep freed memory for reuse
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_MALLOC_TUNED = False
+
+
+class FastGemma(Gemma):
+    """:class:`Gemma` with the projections, the cached attention, the norms, RoPE and the
+    GeGLU in Numba kernels.
+
+    Weights stay compact: bf16 and float16 are read as stored (memory-mapped), GGUF block
+    types are unpacked to int8 panels + scales when first used (:class:`Packed`).
+    ``linear``: for up to ``SMALL_T`` tokens a matvec kernel decodes the weights in registers;
+    for more (prefill), float32 matrices are multiplied with BLAS: kept decoded when all the
+    layers' fit in ``keep_f32_bytes``, else decoded a tile of rows at a time.
+    ``projections``: q, k, v (and gate, up) stacked, one matvec for each group.
+    ``attend``: a kernel over the cache for up to ``SMALL_T`` queries; for more, the products
+    on BLAS around an in-place masked softmax (when probabilities are wanted, the reference
+    computes them beside it).
+    ``norm``, ``rope``, ``geglu``: one pass each instead of several NumPy operations.
+    Kernels for decoded tokens run on all cores (``TINYGEMMA_THREADS`` caps them); in a
+    prefill, Numba runs on the calling thread beside BLAS's threads.
+    """
+
+    def __init__(self, config, weights, tokenizer=None, quantize: str | None = None,
+                 keep_f32_bytes: int = KEEP_F32_BYTES):
+        super().__init__(config, weights, tokenizer)
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        self.quantize = quantize
+        tune_malloc()
+        # Built once, when first used, under self._building; read without it (see _once).
+        self.packed: dict[str, Packed] = {}
+        self._stacks: dict[tuple[str, ...], tuple[Packed | None, np.ndarray]] = {}
+        self._norm_scale: dict[str, np.ndarray] = {}
+        self._building = threading.RLock()  # a stack builds its parts under it too
+        most = numba_config.NUMBA_NUM_THREADS  # one per core unless NUMBA_NUM_THREADS says otherwise
+        env = os.environ.get("TINYGEMMA_THREADS", "")  # a cap, as llama.cpp's n_threads
+        if env and not env.isdigit():
+            raise ValueError(f"TINYGEMMA_THREADS must be a number of threads, got {env!r}")
+        self.threads = max(1, min(int(env), most)) if env else most
+        # Prefill multiplies by float32 matrices. Decoding them costs ~10% of a prefill, so a
+        # small model (all its layers' matrices within keep_f32_bytes in float32: the demo's
+        # take 0.4 GB) keeps them decoded; a large one decodes tiles at every prefill instead,
+        # so that its memory stays the compact weights.
+        f32_bytes = sum(4 * t.shape[0] * t.shape[1] for n, t in weights.tensors.items()
+                        if n.startswith("layers.") and len(t.shape) == 2)
+        self._f32: dict[str, np.ndarray] | None = {} if f32_bytes <= keep_f32_bytes else None
+
+    def _once(self, store: dict, key, build):
+        """``store[key]``, built by ``build()`` the first time, exactly once however many
+        threads ask at the same moment (the others wait for it); later reads take no lock."""
+        value = store.get(key)
+        if value is None:
+            with self._building:
+                value = store.get(key)
+                if value is None:
+                    value = store[key] = build()
+        return value
+
+    def _packed(self, name: str) -> Packed:
+        return self._once(self.packed, name,
+                          lambda: Packed(self.weights.tensors[name], self.quantize))
+
+    def _launch(self, kernel, *args):
+        """Run a parallel kernel from whichever thread calls (see :func:`launch`)."""
+        launch(self.threads, kernel, *args)
+
+    def linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        if getattr(self.weights.tensors[name], "kind", "f32") not in FORMATS:
+            return super().linear(x, name)  # a type without a kernel (Q3_K, ...): the reference
+        w = self._packed(name)
+        rows, cols = w.shape
+        x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
+        T = x.shape[0]
+        if T <= SMALL_T:
+            y = np.empty((T, rows), np.float32)  # [T, out]
+            self._launch(w.matvec, x, y)
+            return y
+        if self._f32 is not None and name.startswith("layers."):
+            return x @ self._once(self._f32, name, lambda: decoded_t(w))  # [T, in] @ [in, out]
+        step = max(1, min(rows, TILE_ELEMS // cols))  # rows per decoded tile
+        tile = np.empty((step, cols), np.float32)  # this call's own: threads may share the model
+        if step == rows:  # one tile: the whole matrix
+            w.decode(0, rows, tile)
+            return x @ tile.T  # [T, in] @ [in, out] on BLAS
+        y = np.empty((T, rows), np.float32)  # [T, out]
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            w.decode(r0, r1, tile[: r1 - r0])
+            y[:, r0:r1] = x @ tile[: r1 - r0].T  # [T, in] @ [in, rows] on BLAS
+        return y
+
+    def projections(self, x: np.ndarray, *names: str) -> list[np.ndarray]:
+        """For a few tokens, one matvec over the matrices stacked (``Packed.stacked``): q, k, v
+        in one pass, gate and up in another. Each matvec costs ~9 us beyond its reads
+        (starting the threads, and memory streams); this saves 3 of the 7 a layer."""
+        if len(x) > SMALL_T:
+            return super().projections(x, *names)
+        stack, bounds = self._once(self._stacks, names, lambda: self._stack(names))
+        if stack is None:
+            return super().projections(x, *names)
+        x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
+        y = np.empty((len(x), stack.shape[0]), np.float32)  # [T, sum of outs]
+        self._launch(stack.matvec, x, y)
+        return [np.ascontiguousarray(y[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        scale = self._once(self._norm_scale, name,  # 1 + w, once per weight
+                           lambda: f32(1) + self.weights[name].astype(f32))
+        x = np.ascontiguousarray(x, dtype=np.float32)  # [..., N]
+        out = np.empty_like(x)
+        rms_norm_rows(x.reshape(-1, x.shape[-1]), scale, float(self.config.rms_norm_eps),
+                      out.reshape(-1, x.shape[-1]))
+        return out
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)  # [N, T, d]
+        out = np.empty_like(x)
+        rope_rows(x, np.ascontiguousarray(cos, dtype=np.float32),
+                  np.ascontiguousarray(sin, dtype=np.float32), out)
+        return out
+
+    def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        out = np.empty(gate.shape, np.float32)  # [T, F]
+        geglu_rows(gate, up, out)
+        return out
+
+    def _stack(self, names):
+        """q, k, v (or gate, up) stacked, and where each part's rows end; no stack (None) when
+        a part has no kernel or the parts do not fit one (``Packed.stacked``)."""
+        tensors = [self.weights.tensors[n] for n in names]
+        kernels = all(getattr(t, "kind", "f32") in FORMATS for t in tensors)
+        stack = Packed.stacked([self._packed(n) for n in names]) if kernels else None
+        return stack, np.cumsum([0] + [t.shape[0] for t in tensors])
+
+    def _attend_blocks(self, q, k, v, pos0, window, out):
+        """Prefill attention: q k^T and p v on BLAS, a block of queries at a time.
+
+        Queries ``[t0, t1)`` see keys up to position ``pos0 + t1 - 1`` and, on local layers,
+        none before ``pos0 + t0 - window + 1``: each block multiplies only by those keys
+        (about half of a causal square for 500 tokens, a band for long prompts on local
+        layers) and ``masked_softmax`` zeroes the rest of its rows.
+        """
+        c = self.config
+        H, T, d = q.shape
+        K = c.num_kv_heads
+        G = H // K
+        scale, cap = float(c.attn_scale), float(c.attn_logit_softcap or 0.0)
+        for t0 in range(0, T, QUERY_BLOCK):
+            t1 = min(T, t0 + QUERY_BLOCK)
+            lo = 0 if not window else max(0, pos0 + t0 - window + 1)  # first key of the block
+            hi = pos0 + t1  # keys [lo, hi)
+            for kh in range(K):
+                qg = q[kh * G:(kh + 1) * G, t0:t1].reshape(G * (t1 - t0), d)  # [G*B, d]
+                scores = qg @ k[kh, lo:hi].T  # [G*B, S_b]
+                masked_softmax(scores, t1 - t0, pos0 + t0, lo, window, scale, cap)
+                pv = scores @ v[kh, lo:hi]  # [G*B, d]
+                out[kh * G:(kh + 1) * G, t0:t1] = pv.reshape(G, t1 - t0, d)
+
+    def attend(self, q, cache: KVCache, i: int, positions, want_probs: bool):
+        """The kernels' output always, so that a traced or stepped pass computes what
+        ``forward`` does; the probabilities, when wanted, from the reference."""
+        T = q.shape[1]
+        probs = super().attend(q, cache, i, positions, True)[1] if want_probs else None
+        c = self.config
+        window = c.window(i) or 0
+        pos0 = int(positions[0])
+        first = 0 if not window else max(0, pos0 - window + 1)
+        out = np.empty(q.shape, np.float32)  # [H, T, d]
+        if T > SMALL_T:
+            self._attend_blocks(q, cache.k[i], cache.v[i], pos0, window, out)
+            return out, probs
+        self._launch(attend_cache, np.ascontiguousarray(q, dtype=np.float32), cache.k[i],
+                     cache.v[i], pos0, first, window, float(c.attn_scale),
+                     float(c.attn_logit_softcap or 0.0), self.threads, out)
+        return out, probs

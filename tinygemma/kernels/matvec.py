@@ -1,0 +1,318 @@
+"""Matrix-vector products over compact weights, and :class:`Packed`, the form they read.
+
+Decoding one token is a matrix-vector product per projection, which reads every weight once;
+float32 copies would make it read 2x (bf16) to 7x (4-bit) more bytes. So these kernels read
+compact weights and decode them in registers, inside the dot product: bf16, float16 and
+float32 as stored (``matvec_stored``), the GGUF block types unpacked once to int8 panels
+(``matvec_panels``). Parallel over panels or chunks of rows (``prange``), float32
+accumulation; the weights are exactly those of the reference path, only the order of the
+additions differs (``fastmath`` reassociation, which lets LLVM vectorise the sums).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._llvm import FAST, JIT, _as_f32, _lanes, _q_at, _q_put, f32
+from .quant import STORED, UNPACKED, Unpacking, decode_stored, quantize_int8_g32
+
+TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3 cache
+
+
+# ---- panels: the layout the int8 matvec reads -----------------------------------------------
+# A decoded token multiplies each weight once, and on 2 cores the multiply costs as much as
+# the memory read, so the instructions per weight decide the speed. With rows stored one after
+# another, 16 weights of a row take four SIMD instructions (widen int8 to int32, convert to
+# float, times the scale, multiply-add with x), and each row ends with a sum across lanes.
+# A panel stores 16 rows side by side, column by column: ``q[p, c, l]`` is row ``16 p + l``,
+# column ``c``. One SIMD load then holds a column's weights for 16 rows, to multiply by a
+# single x value into 16 row sums: three instructions per 16 weights (widen, convert,
+# multiply-add with x broadcast), the scale applied once per group of G columns, no sum across
+# lanes. The kernel sums four groups at once (independent chains keep both multiply-add units
+# busy), so inside each span of four groups the columns are stored in the order the loop reads
+# them, column ``G k + j`` of the span at ``4 j + k``: the matvec reads memory front to back.
+# Scales that are float16 in the file (Q8_0, Q5_0, Q4_0) stay float16 (int16 bits), 2 bytes.
+# Q4_K's values, 0 to 15, are stored two a byte (``_q_at``): the same loop, a shift and a mask
+# more per byte, half the bytes (0.75 bytes a weight with the scales, against 1.25 as int8).
+# Measured on the demo's LM head (Q8_0, 2 threads): 5.8 ms against 6.4 ms for the row-major
+# kernel, and 11.7 -> 6.3 ms on one thread (docs/performance.md).
+
+PANEL = 16  # rows per panel: a SIMD register of float32 (AVX-512), or two (AVX2)
+
+
+@njit(inline="always")
+def _group_at(b, G, nb):
+    """Where group ``b`` of a panel's ``nb`` groups of ``G`` columns is stored: its column
+    ``G b + j`` at ``start + step * j``."""
+    if b >= nb // 4 * 4:  # the groups after the last whole span of four: in order
+        return G * b, 1
+    return G * (b - b % 4) + b % 4, 4
+
+
+@njit(**JIT)
+def to_panels(q, scale, shift, has_shift, r0, qp, sp, hp):
+    """Rows ``r0 + i`` of unpacked ``q [rows, n]``, ``scale``, ``shift [rows, n / G]`` into
+    panels ``qp [P, n, 16]`` (int8; or uint8 ``[P, n / 2, 16]``, zeroed, for 4-bit ``q``),
+    ``sp``, ``hp [P, n / G, 16]`` (``r0`` a multiple of 16)."""
+    n, nb = q.shape[1], scale.shape[1]
+    G = n // nb
+    for i in range(q.shape[0]):
+        p, lane = (r0 + i) // PANEL, (r0 + i) % PANEL
+        for b in range(nb):
+            start, step = _group_at(b, G, nb)
+            for j in range(G):
+                _q_put(qp, p, start + step * j, lane, q[i, G * b + j])
+            sp[p, b, lane] = scale[i, b]
+            if has_shift:
+                hp[p, b, lane] = shift[i, b]
+
+
+@njit(**JIT)
+def decode_panels(qp, sp, hp, has_shift, r0, r1, out):
+    """Rows ``[r0, r1)`` as float32: ``w = scale * q - shift``, bit for bit the unpacked weights."""
+    n, nb = out.shape[1], sp.shape[1]
+    G = n // nb
+    for r in range(r0, r1):
+        p, lane = r // PANEL, r % PANEL
+        for b in range(nb):
+            start, step = _group_at(b, G, nb)
+            s = _as_f32(sp[p, b, lane])
+            m = hp[p, b, lane] if has_shift else f32(0)
+            for j in range(G):
+                out[r - r0, G * b + j] = s * _q_at(qp, p, start + step * j, lane) - m
+
+
+@njit(inline="always", fastmath=FAST)
+def _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, G, acc):
+    """``acc[64:80]`` = the 16 rows of panel ``p`` times ``x[t]``; ``acc[:64]`` are four
+    groups' partial sums. ``G`` is a constant at each call, so the loops vectorise fully."""
+    nb = sp.shape[1]
+    acc[64:80] = 0
+    b = 0
+    while b + 4 <= nb:
+        acc[:64] = 0
+        o = G * b
+        for j in range(G):
+            x0, x1, x2, x3 = x[t, o + j], x[t, o + G + j], x[t, o + 2 * G + j], x[t, o + 3 * G + j]
+            c = o + 4 * j  # the four columns o + j, o + G + j, ... stored side by side
+            for lane in range(PANEL):
+                acc[lane] += _q_at(qp, p, c, lane) * x0
+                acc[16 + lane] += _q_at(qp, p, c + 1, lane) * x1
+                acc[32 + lane] += _q_at(qp, p, c + 2, lane) * x2
+                acc[48 + lane] += _q_at(qp, p, c + 3, lane) * x3
+        for lane in range(PANEL):
+            acc[64 + lane] += ((_as_f32(sp[p, b, lane]) * acc[lane]
+                                + _as_f32(sp[p, b + 1, lane]) * acc[16 + lane])
+                               + (_as_f32(sp[p, b + 2, lane]) * acc[32 + lane]
+                                  + _as_f32(sp[p, b + 3, lane]) * acc[48 + lane]))
+            if has_shift:  # sum_j (s q_j - m) x_j = s sum_j q_j x_j - m sum_j x_j
+                acc[64 + lane] -= ((hp[p, b, lane] * xs[t, b] + hp[p, b + 1, lane] * xs[t, b + 1])
+                                   + (hp[p, b + 2, lane] * xs[t, b + 2]
+                                      + hp[p, b + 3, lane] * xs[t, b + 3]))
+        b += 4
+    while b < nb:  # groups after the last span of four
+        acc[:16] = 0
+        for j in range(G * b, G * b + G):
+            for lane in range(PANEL):
+                acc[lane] += _q_at(qp, p, j, lane) * x[t, j]
+        for lane in range(PANEL):
+            acc[64 + lane] += _as_f32(sp[p, b, lane]) * acc[lane]
+            if has_shift:
+                acc[64 + lane] -= hp[p, b, lane] * xs[t, b]
+        b += 1
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def matvec_panels(qp, sp, hp, has_shift, x, y):
+    """``y[t] = W x[t]`` for W in panels (``w = scale * q - shift``, groups of 32 or 16);
+    parallel over panels, float32 sums."""
+    P, n = qp.shape[0], x.shape[1]
+    nb, T, R = sp.shape[1], x.shape[0], y.shape[1]
+    G = n // nb
+    xs = np.empty((T, nb), np.float32)  # x summed per group, for the shifts (np.zeros would
+    if has_shift:                       # be one more parallel region: a thread launch)
+        for t in range(T):
+            for b in range(nb):
+                total = f32(0)
+                for j in range(G * b, G * b + G):
+                    total += x[t, j]
+                xs[t, b] = total
+    for p in prange(P):
+        acc = _lanes()
+        for t in range(T):
+            if G == 32:
+                _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, 32, acc)
+            else:
+                _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, 16, acc)
+            for lane in range(min(PANEL, R - PANEL * p)):  # the last panel may be part padding
+                y[t, PANEL * p + lane] = acc[64 + lane]
+
+
+# ---- matvec over 16- and 32-bit floats, read as stored (memory-mapped) -------------------------
+@njit(parallel=True, fastmath=FAST, **JIT)
+def matvec_stored(w, x, y):
+    """bf16 (uint16 bits: ``w = bits << 16`` read as float32), float16 (int16 bits) or float32,
+    decoded in registers; parallel over chunks of rows."""
+    R, n, T = w.shape[0], w.shape[1], x.shape[0]
+    nc = max(1, min(64, R // 32))
+    for c in prange(nc):
+        for r in range(c * R // nc, (c + 1) * R // nc):
+            for t in range(T):
+                s = f32(0)
+                for j in range(n):
+                    s += _as_f32(w[r, j]) * x[t, j]
+                y[t, r] = s
+
+
+class Packed:
+    """One weight matrix ``[rows, cols]`` in the form the kernels read.
+
+    bf16, float16 and float32 are read as stored (``data``). GGUF blocks, and bf16/f16/f32
+    with ``quantize="int8"``, become panels (see ``to_panels``): ``q`` int8 ``[P, cols, 16]``
+    (uint8 ``[P, cols / 2, 16]``, two weights a byte, for Q4_K), ``scale`` (float16 bits as
+    int16 for Q8_0/Q5_0/Q4_0, else float32) and, for Q4_K/Q5_K, ``shift``
+    ``[P, cols / G, 16]``, where ``P = ceil(rows / 16)``.
+    ``matvec(x, y)``: ``y[T, rows] = x[T, cols] W^T``; ``decode(r0, r1, out)``: rows
+    ``[r0, r1)`` of W in float32, bit for bit the reference path's weights.
+    """
+
+    def __init__(self, tensor, quantize: str | None = None):
+        kind = getattr(tensor, "kind", "f32")
+        self.kind, self.shape = kind, tuple(tensor.shape)
+        rows, cols = self.shape
+        data = stored_bytes(tensor)
+        if quantize == "int8" and kind in ("bf16", "f16", "f32") and cols % 32 == 0:
+            self.kind = "int8"
+            w, tile = data.view(STORED[kind]), np.empty((min(rows, self._step()), cols), np.float32)
+
+            def fill(r0, r1, q, scale, shift):  # float32 rows, rounded to int8 per group of 32
+                decode_stored(w, r0, r1, tile[: r1 - r0])
+                quantize_int8_g32(tile[: r1 - r0], q, scale)
+            self._panels(data, fill, Unpacking(unpack=None, group=32, shift=False,
+                                               f16_scale=False, nibbles=False))
+        elif kind in STORED:
+            self.data = data.view(STORED[kind])
+        elif kind in UNPACKED:
+            how = UNPACKED[kind]
+            self._panels(data, lambda r0, r1, q, scale, shift: how.unpack(data[r0:r1], q, scale,
+                                                                          shift), how)
+        else:
+            raise ValueError(f"no fast kernel for weights of type {kind}; load with fast=False")
+
+    def _step(self) -> int:
+        """Rows unpacked at a time: a multiple of 16, about ``TILE_ELEMS`` weights."""
+        return max(PANEL, TILE_ELEMS // self.shape[1] // PANEL * PANEL)
+
+    def _panels(self, data, fill, how: Unpacking) -> None:
+        """Panels from ``fill(r0, r1, q, scale, shift)``, which writes rows ``[r0, r1)``
+        unpacked (row-major, float32 scales), a tile of rows at a time. The stored rows are
+        read once: each tile's pages of a memory-mapped file then leave this process's RSS
+        (the embedding lookup reads its few rows from the file again)."""
+        rows, cols = self.shape
+        P, ng = -(-rows // PANEL), cols // how.group
+        has_shift, f16_scale = how.shift, how.f16_scale
+        self.has_shift = has_shift
+        if how.nibbles:  # zeroed: to_panels ORs the nibbles in
+            self.q = np.zeros((P, cols // 2, PANEL), np.uint8)
+        else:
+            self.q = np.empty((P, cols, PANEL), np.int8)
+        self.scale = np.empty((P, ng, PANEL), np.int16 if f16_scale else np.float32)
+        self.shift = np.empty((P, ng, PANEL) if has_shift else (1, 1, 1), np.float32)
+        for a in (self.q, self.scale, self.shift):
+            a[-1] = 0  # the last panel's rows past the matrix: weight 0
+        step = min(rows, self._step())
+        q = np.empty((step, cols), np.int8)
+        scale = np.empty((step, ng), np.float32)
+        shift = np.empty((step, ng if has_shift else 1), np.float32)
+        for r0 in range(0, rows, step):
+            n = min(rows, r0 + step) - r0
+            fill(r0, r0 + n, q[:n], scale[:n], shift[:n])
+            s = scale[:n].astype(np.float16).view(np.int16) if f16_scale else scale[:n]  # exact
+            to_panels(q[:n], s, shift[:n], has_shift, r0, self.q, self.scale, self.shift)
+            release_pages(data[r0:r0 + n])
+
+    @classmethod
+    def stacked(cls, parts: list[Packed]) -> Packed | None:
+        """Matrices of one input (q, k, v; gate, up) stacked into one, so that a single matvec
+        reads them all. Each part's arrays are rebound to views of its rows of the stack, so
+        that the panels are not kept twice. None (and the parts left alone) unless all are
+        panels alike (columns, groups, value and scale types, shift) and all but the last
+        have whole panels (rows a multiple of 16)."""
+        first = parts[0]
+        if any(p.kind in STORED or p.shape[1] != first.shape[1] or p.q.dtype != first.q.dtype
+               or p.scale.shape[1] != first.scale.shape[1] or p.scale.dtype != first.scale.dtype
+               or p.has_shift != first.has_shift for p in parts):
+            return None
+        if any(p.shape[0] % PANEL for p in parts[:-1]):
+            return None
+        stack = cls.__new__(cls)
+        stack.kind = "+".join(sorted({p.kind for p in parts}))
+        stack.shape = (sum(p.shape[0] for p in parts), first.shape[1])
+        stack.has_shift = first.has_shift
+        stack.q = np.concatenate([p.q for p in parts])
+        stack.scale = np.concatenate([p.scale for p in parts])
+        stack.shift = np.concatenate([p.shift for p in parts]) if first.has_shift else first.shift
+        p0 = 0
+        for p in parts:  # each part: a view of its panels in the stack
+            p1 = p0 + p.q.shape[0]
+            p.q, p.scale = stack.q[p0:p1], stack.scale[p0:p1]
+            if p.has_shift:
+                p.shift = stack.shift[p0:p1]
+            p0 = p1
+        return stack
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind in STORED:
+            return self.data.nbytes
+        return self.q.nbytes + self.scale.nbytes + (self.shift.nbytes if self.has_shift else 0)
+
+    def matvec(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self.kind in STORED:
+            matvec_stored(self.data, x, y)
+        else:
+            matvec_panels(self.q, self.scale, self.shift, self.has_shift, x, y)
+
+    def decode(self, r0: int, r1: int, out: np.ndarray) -> None:
+        if self.kind in STORED:
+            decode_stored(self.data, r0, r1, out)
+        else:
+            decode_panels(self.q, self.scale, self.shift, self.has_shift, r0, r1, out)
+
+
+def release_pages(a: np.ndarray) -> bool:
+    """Drop the pages of a memory-mapped array from this process (MADV_DONTNEED; Linux).
+
+    The file stays in the page cache, so nothing is lost; the process's RSS no longer counts
+    them. Returns whether it did; arrays not backed by a memory map are left alone."""
+    import mmap
+    base = a
+    while base is not None and not isinstance(base, mmap.mmap):
+        if isinstance(base, memoryview):  # np.frombuffer(an mmap), as the GGUF reader maps
+            base = base.obj
+        else:  # np.memmap (safetensors), or a view of one
+            base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+    if base is None or not hasattr(base, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    start = a.__array_interface__["data"][0]
+    try:
+        begin = np.frombuffer(base, np.uint8, count=1).__array_interface__["data"][0]
+        page = mmap.PAGESIZE
+        lo = (start - begin + page - 1) // page * page  # whole pages inside the array only
+        hi = (start - begin + a.nbytes) // page * page
+        if hi > lo:
+            base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        return True
+    except (ValueError, OSError, TypeError):
+        return False
+
+
+def stored_bytes(tensor) -> np.ndarray:
+    """A compact tensor's storage as C-contiguous uint8 ``[rows, bytes per row]`` (no copy
+    for memory-mapped checkpoints)."""
+    data = np.asarray(tensor.data)
+    if data.ndim == 1:
+        data = data.reshape(tensor.shape[0], -1)
+    data = np.ascontiguousarray(data)
+    return data.view(np.uint8).reshape(data.shape[0], -1)
