@@ -30,7 +30,7 @@ from .attention import (KEYS_PER_PART, attend_cache, geglu_rows, masked_softmax,
 from .fast_model import KEEP_F32_BYTES, QUERY_BLOCK, SMALL_T, FastGemma, launch, tune_malloc
 from .matvec import (PANEL, TILE_ELEMS, Packed, _panel_dot, decode_panels, matvec_panels,
                      matvec_stored, release_pages, stored_bytes, to_panels)
-from .quant import (FORMATS, STORED, UNPACKED, decode_stored, quantize_int8_g32, unpack_q4_0,
-                    unpack_q4_k, unpack_q5_0, unpack_q5_k, unpack_q6_k, unpack_q8_0)
+from .quant import (FORMATS, STORED, UNPACKED, decode_stored, quantize_int8_g32, unpack_k,
+                    unpack_q4_0, unpack_q5_0, unpack_q6_k, unpack_q8_0)
 
 __all__ = ["FastGemma", "FORMATS", "Packed", "attend_cache", "stored_bytes"]
