@@ -277,11 +277,10 @@ def test_bench_help_describes_every_option_in_plain_text(capsys):
         assert len(line.strip()) > len(option) + 10, line  # a description follows the option
 
 
-@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["perplexity", "f.txt"]])
 def test_threads_option(capsys, monkeypatch, tiny_gguf, command):
     monkeypatch.setenv("TINYGEMMA_THREADS", "")
-    one_line_error(capsys, [command, *(["hi"] if command == "generate" else []),
-                            "--model", "/does/not/matter", "--threads", "0"],
+    one_line_error(capsys, [*command, "--model", "/does/not/matter", "--threads", "0"],
                    "--threads must be >= 1, got 0")
     built = []
     monkeypatch.setattr(cli, "run_generate", lambda model, ids, args: built.append(model))

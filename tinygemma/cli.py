@@ -234,13 +234,18 @@ def run_generate(model, ids, args) -> list[int]:
 
 
 def check_args(args):
-    """Refuse bad sampling values and thread counts before the model is loaded, not after."""
+    """Refuse bad sampling values before the model is loaded, not after."""
     from .generate import check_sampling
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        os.environ["TINYGEMMA_THREADS"] = str(args.threads)  # read when the model is built
+
+
+def set_threads(args):
+    """``--threads N`` (every command that loads a model) as ``TINYGEMMA_THREADS=N``."""
+    if getattr(args, "threads", None) is None:
+        return
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    os.environ["TINYGEMMA_THREADS"] = str(args.threads)  # read when the model is built
 
 
 def check_context(model, args, shortest_prompt: int):
@@ -395,6 +400,7 @@ def main(argv=None) -> int:
     run = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench,
            "inspect": cmd_inspect, "perplexity": cmd_perplexity}[args.command]
     try:
+        set_threads(args)
         run(args)
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
