@@ -40,7 +40,8 @@ def next_token_probs(logits: np.ndarray, temperature: float, top_k: int | None =
     limit, greedy (ties shared), not NaN.
     """
     z = logits.astype(np.float64)  # [V]
-    z = (z - z.max()) / temperature  # [V] <= 0: the most likely token at 0, never inf - inf
+    with np.errstate(over="ignore"):  # a vanishing temperature sends the others to -inf
+        z = (z - z.max()) / temperature  # [V] <= 0: the most likely token at 0, never inf - inf
     if top_k is not None and top_k < len(z):
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= kth, z, -np.inf)  # [V]
