@@ -60,8 +60,8 @@ def main() -> int:
     targets = ids[1:]
     agree = float(np.mean(a.argmax(-1) == b.argmax(-1)))
     ppl_a, ppl_b = float(np.exp(nll(a, targets).mean())), float(np.exp(nll(b, targets).mean()))
-    bytes_a = sum(bf16._packed(n).nbytes for n in tensors if len(tensors[n].shape) == 2)
-    bytes_b = sum(int8._packed(n).nbytes for n in tensors if len(tensors[n].shape) == 2)
+    bytes_a = sum(bf16.packed.matrix(n).nbytes for n in tensors if len(tensors[n].shape) == 2)
+    bytes_b = sum(int8.packed.matrix(n).nbytes for n in tensors if len(tensors[n].shape) == 2)
     print(f"demo Gemma 3 270M as bf16 vs quantize='int8' on {len(targets)} tokens of English:")
     print(f"  top-1 agreement {100 * agree:.1f}%; perplexity {ppl_a:.3f} (bf16) -> {ppl_b:.3f} "
           f"(int8), {100 * (ppl_b / ppl_a - 1):+.2f}%")

@@ -171,7 +171,7 @@ def test_projections_stacked_equal_linear(kinds, rows, stacked, T):
     model = K.FastGemma(gemma_config(), Weights(tensors))
     x = rng.standard_normal((T, 256)).astype(np.float32)
     outs = model.projections(x, *tensors)
-    assert (model._stacks[tuple(tensors)][0] is not None) == stacked
+    assert (model.packed.stacks[tuple(tensors)][0] is not None) == stacked
     for (name, t), y in zip(tensors.items(), outs):
         assert y.shape == (T, t.shape[0]) and y.flags.c_contiguous
         assert_close_products(y, x, t.f32())
@@ -317,7 +317,7 @@ def test_tiny_model_fast_equals_reference(family, kind, keep):
                     **extra)
     tensors = tiny_weights(c, kind, seed=family)
     ref, fast = Gemma(c, Weights(tensors)), K.FastGemma(c, Weights(tensors), keep_f32_bytes=keep)
-    assert (fast._f32 is None) == (keep == 0)  # prefill: float32 matrices kept, or tiles
+    assert (fast.packed.f32 is None) == (keep == 0)  # prefill: float32 matrices kept, or tiles
     ids = np.random.default_rng(family).integers(0, c.vocab_size, 12)
     want = ref.forward(ids)
     scale = float(np.abs(want).max())
@@ -462,7 +462,7 @@ def test_int8_quantisation(kind):
     fast = K.FastGemma(c, Weights(tensors), quantize="int8")
     ids = np.arange(1, 11)
     got = fast.forward(ids)
-    decoded = {n: (Tensor(weights_of(fast._packed(n))) if len(t.shape) == 2 and n != "embed"
+    decoded = {n: (Tensor(weights_of(fast.packed.matrix(n))) if len(t.shape) == 2 and n != "embed"
                    else t) for n, t in tensors.items()}
     want = Gemma(c, Weights(decoded)).forward(ids)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
@@ -471,7 +471,7 @@ def test_int8_quantisation(kind):
     for j in range(6, len(ids)):
         step = fast.forward(ids[j:j + 1], cache=cache, last_only=True)
         assert np.abs(step[0] - want[j]).max() <= 1e-4 * np.abs(want).max(), j
-    assert fast._stacks[("layers.0.q", "layers.0.k", "layers.0.v")][0] is not None
+    assert fast.packed.stacks[("layers.0.q", "layers.0.k", "layers.0.v")][0] is not None
 
 
 def test_bench_on_a_tiny_model():
@@ -498,7 +498,7 @@ def test_types_without_a_kernel_use_the_reference():
     assert_close_products(model.linear(x, "w"), x, t.f32())
     for y in model.projections(x, "w", "w"):  # no stack: one reference product each
         assert_close_products(y, x, t.f32())
-    assert model._stacks[("w", "w")][0] is None
+    assert model.packed.stacks[("w", "w")][0] is None
 
 
 def test_threads_env(monkeypatch):

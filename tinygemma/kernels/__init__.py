@@ -16,7 +16,8 @@ One file per concern:
 * ``attention.py``: attention over the KV cache, the prefill's masked softmax, RMSNorm, RoPE
   and the GeGLU gate;
 * ``fast_model.py``: :class:`FastGemma`, which overrides six methods of :class:`Gemma`
-  (``linear``, ``projections``, ``attend``, ``norm``, ``rope``, ``geglu``).
+  (``linear``, ``projections``, ``attend``, ``norm``, ``rope``, ``geglu``), and
+  :class:`PackedWeights`, what they read, built once.
 
 Every kernel is tested equal to its NumPy twin (``tests/test_kernels.py``). Numba caches the
 compiled kernels; as the kernels inline helpers from other files, which Numba's cache does not
@@ -27,10 +28,15 @@ of every file here: editing any of them recompiles all.
 from ._llvm import _exp
 from .attention import (KEYS_PER_PART, attend_cache, geglu_rows, masked_softmax,
                         rms_norm_rows, rope_rows)
-from .fast_model import KEEP_F32_BYTES, QUERY_BLOCK, SMALL_T, FastGemma, launch, tune_malloc
+from .fast_model import (KEEP_F32_BYTES, QUERY_BLOCK, SMALL_T, FastGemma, PackedWeights,
+                         launch, tune_malloc)
 from .matvec import (PANEL, TILE_ELEMS, Packed, _panel_dot, decode_panels, matvec_panels,
                      matvec_stored, release_pages, stored_bytes, to_panels)
 from .quant import (FORMATS, STORED, UNPACKED, decode_stored, quantize_int8_g32, unpack_k,
                     unpack_q4_0, unpack_q5_0, unpack_q6_k, unpack_q8_0)
 
-__all__ = ["FastGemma", "FORMATS", "Packed", "attend_cache", "stored_bytes"]
+# Process-wide, once: glibc's malloc thresholds (see tune_malloc; TINYGEMMA_MALLOPT=0 opts out).
+# Numba's thread count is set per calling thread, by launch().
+tune_malloc()
+
+__all__ = ["FastGemma", "FORMATS", "Packed", "PackedWeights", "attend_cache", "stored_bytes"]

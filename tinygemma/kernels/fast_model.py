@@ -1,10 +1,20 @@
-""":class:`FastGemma`: the reference model with six methods on the kernels.
+""":class:`FastGemma`: the reference model with six methods on the kernels, and
+:class:`PackedWeights`, the weights in the forms those kernels read.
 
 The reference path (``layers.py``, ``model.py``) decodes every weight matrix to float32 and
 multiplies with NumPy. :class:`FastGemma` overrides only :meth:`Gemma.linear`,
 :meth:`Gemma.projections` (q, k, v in one matvec, gate and up in another),
 :meth:`Gemma.attend`, :meth:`Gemma.norm`, :meth:`Gemma.rope` and :meth:`Gemma.geglu`; the
-forward pass itself stays the readable one in ``model.py``.
+forward pass itself stays the readable one in ``model.py``. What the overrides read (packed
+matrices, stacks, ``1 + w`` of the norms, float32 copies for prefill) lives in one
+:class:`PackedWeights`, which builds each piece once, when first used.
+
+Process-wide state, and where it is set:
+
+* Numba's thread count is a setting of each calling thread: :func:`launch` sets it, in the
+  thread that launches a parallel kernel, to the model's ``threads``;
+* glibc's malloc thresholds: :func:`tune_malloc`, called once when ``tinygemma.kernels`` is
+  first imported (``kernels/__init__.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +35,6 @@ from .quant import FORMATS
 SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, decoded tiles and BLAS
 QUERY_BLOCK = 128  # prefill attention: queries per block (see FastGemma._attend_blocks)
 KEEP_F32_BYTES = 512 << 20  # prefill keeps the layers' matrices in float32 if all fit in this
-
 
 _LAUNCHING = threading.Lock()
 _local = threading.local()  # per calling thread: the Numba thread count set there
@@ -52,9 +61,18 @@ def launch(threads: int, kernel, *args) -> None:
             _layer.append(numba.threading_layer())
 
 
+def thread_count() -> int:
+    """Threads for the kernels: every core Numba may use, capped by ``TINYGEMMA_THREADS``."""
+    most = numba_config.NUMBA_NUM_THREADS  # one per core unless NUMBA_NUM_THREADS says otherwise
+    env = os.environ.get("TINYGEMMA_THREADS", "")  # a cap, as llama.cpp's n_threads
+    if env and not env.isdigit():
+        raise ValueError(f"TINYGEMMA_THREADS must be a number of threads, got {env!r}")
+    return max(1, min(int(env), most)) if env else most
+
+
 def decoded_t(w: Packed) -> np.ndarray:
-    """``W^T`` in float32, contiguous ``[in, out]``: BLAS multiplies by it 2-4% faster than by
-    a ``W.T`` view (prefill of a small model keeps these)."""
+    """``W^T`` in float32, contiguous ``[in, out]``: BLAS multiplies by it faster than by a
+    ``W.T`` view (prefill of a small model keeps these)."""
     decoded = np.empty(w.shape, np.float32)  # [out, in]
     w.decode(0, w.shape[0], decoded)
     return np.ascontiguousarray(decoded.T)  # [in, out]
@@ -65,10 +83,9 @@ def tune_malloc() -> None:
 
     The forward pass allocates and frees arrays of a few MB per operation (prefill activations
     ``[T, F]``, logits ``[1, V]``). With glibc's defaults, a prefill that follows decoded
-    tokens finds the heap trimmed and faults its pages in again: 135,000 page faults (540 MB
-    zeroed by the kernel) and ~25% more time for a 500-token prefill of the demo, measured
-    with ``getrusage``. Raising the mmap and trim thresholds keeps that memory for reuse.
-    ``TINYGEMMA_MALLOPT=0`` leaves the allocator alone.
+    tokens finds the heap trimmed and faults its pages in again (docs/performance.md). Raising
+    the mmap and trim thresholds keeps that memory for reuse. ``TINYGEMMA_MALLOPT=0`` leaves
+    the allocator alone.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED or os.environ.get("TINYGEMMA_MALLOPT") == "0":
@@ -86,12 +103,72 @@ def tune_malloc() -> None:
 _MALLOC_TUNED = False
 
 
+class PackedWeights:
+    """The weights in the forms the kernels read, each built once, when first used.
+
+    ``matrix(name)``: a :class:`Packed` matrix; ``stack(names)``: q, k, v (or gate, up) as one;
+    ``norm_scale(name)``: ``1 + w`` of a norm; ``f32_t(name)``: a layer's ``W^T`` in float32
+    for prefill, kept only when all the layers' matrices fit in ``keep_f32_bytes`` (decoding
+    them costs ~10% of a prefill, so a small model, the demo's 0.4 GB, keeps them; a large
+    one decodes tiles at every prefill instead, so that its memory stays the compact weights).
+    ``fast``: the names of the matrices a kernel reads (a type without one, Q3_K..., takes
+    the reference path).
+
+    One model may be used by several threads at once: each piece is built exactly once however
+    many threads ask at the same moment (the others wait for it); later reads take no lock.
+    """
+
+    def __init__(self, weights, quantize: str | None = None,
+                 keep_f32_bytes: int = KEEP_F32_BYTES):
+        self.weights, self.quantize = weights, quantize
+        tensors = weights.tensors
+        self.fast = {n for n, t in tensors.items() if t.kind in FORMATS}
+        self.matrices: dict[str, Packed] = {}
+        self.stacks: dict[tuple[str, ...], tuple[Packed | None, np.ndarray]] = {}
+        self.norm_scales: dict[str, np.ndarray] = {}
+        f32_bytes = sum(4 * t.shape[0] * t.shape[1] for n, t in tensors.items()
+                        if n.startswith("layers.") and len(t.shape) == 2)
+        self.f32: dict[str, np.ndarray] | None = {} if f32_bytes <= keep_f32_bytes else None
+        self._building = threading.RLock()  # a stack builds its parts under it too
+
+    def _once(self, store: dict, key, build):
+        """``store[key]``, built by ``build()`` the first time, exactly once."""
+        value = store.get(key)
+        if value is None:
+            with self._building:
+                value = store.get(key)
+                if value is None:
+                    value = store[key] = build()
+        return value
+
+    def matrix(self, name: str) -> Packed:
+        return self._once(self.matrices, name,
+                          lambda: Packed(self.weights.tensors[name], self.quantize))
+
+    def stack(self, names: tuple[str, ...]) -> tuple[Packed | None, np.ndarray]:
+        """The matrices stacked (``Packed.stacked``) and where each part's rows end; no stack
+        (None) when a part has no kernel or the parts do not fit one."""
+        def build():
+            stack = (Packed.stacked([self.matrix(n) for n in names])
+                     if all(n in self.fast for n in names) else None)
+            return stack, np.cumsum([0] + [self.weights.tensors[n].shape[0] for n in names])
+        return self._once(self.stacks, names, build)
+
+    def norm_scale(self, name: str) -> np.ndarray:
+        return self._once(self.norm_scales, name, lambda: f32(1) + self.weights[name].astype(f32))
+
+    def f32_t(self, name: str) -> np.ndarray | None:
+        if self.f32 is None or not name.startswith("layers."):
+            return None
+        return self._once(self.f32, name, lambda: decoded_t(self.matrix(name)))
+
+
 class FastGemma(Gemma):
     """:class:`Gemma` with the projections, the cached attention, the norms, RoPE and the
     GeGLU in Numba kernels.
 
     Weights stay compact: bf16 and float16 are read as stored (memory-mapped), GGUF block
-    types are unpacked to int8 panels + scales when first used (:class:`Packed`).
+    types are unpacked to int8 panels + scales when first used (:class:`PackedWeights`).
     ``linear``: for up to ``SMALL_T`` tokens a matvec kernel decodes the weights in registers;
     for more (prefill), float32 matrices are multiplied with BLAS: kept decoded when all the
     layers' fit in ``keep_f32_bytes``, else decoded a tile of rows at a time.
@@ -110,48 +187,17 @@ class FastGemma(Gemma):
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         self.quantize = quantize
-        tune_malloc()
-        # Built once, when first used, under self._building; read without it (see _once).
-        self.packed: dict[str, Packed] = {}
-        self._stacks: dict[tuple[str, ...], tuple[Packed | None, np.ndarray]] = {}
-        self._norm_scale: dict[str, np.ndarray] = {}
-        self._building = threading.RLock()  # a stack builds its parts under it too
-        most = numba_config.NUMBA_NUM_THREADS  # one per core unless NUMBA_NUM_THREADS says otherwise
-        env = os.environ.get("TINYGEMMA_THREADS", "")  # a cap, as llama.cpp's n_threads
-        if env and not env.isdigit():
-            raise ValueError(f"TINYGEMMA_THREADS must be a number of threads, got {env!r}")
-        self.threads = max(1, min(int(env), most)) if env else most
-        # Prefill multiplies by float32 matrices. Decoding them costs ~10% of a prefill, so a
-        # small model (all its layers' matrices within keep_f32_bytes in float32: the demo's
-        # take 0.4 GB) keeps them decoded; a large one decodes tiles at every prefill instead,
-        # so that its memory stays the compact weights.
-        f32_bytes = sum(4 * t.shape[0] * t.shape[1] for n, t in weights.tensors.items()
-                        if n.startswith("layers.") and len(t.shape) == 2)
-        self._f32: dict[str, np.ndarray] | None = {} if f32_bytes <= keep_f32_bytes else None
-
-    def _once(self, store: dict, key, build):
-        """``store[key]``, built by ``build()`` the first time, exactly once however many
-        threads ask at the same moment (the others wait for it); later reads take no lock."""
-        value = store.get(key)
-        if value is None:
-            with self._building:
-                value = store.get(key)
-                if value is None:
-                    value = store[key] = build()
-        return value
-
-    def _packed(self, name: str) -> Packed:
-        return self._once(self.packed, name,
-                          lambda: Packed(self.weights.tensors[name], self.quantize))
+        self.packed = PackedWeights(weights, quantize, keep_f32_bytes)
+        self.threads = thread_count()
 
     def _launch(self, kernel, *args):
         """Run a parallel kernel from whichever thread calls (see :func:`launch`)."""
         launch(self.threads, kernel, *args)
 
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        if getattr(self.weights.tensors[name], "kind", "f32") not in FORMATS:
+        if name not in self.packed.fast:
             return super().linear(x, name)  # a type without a kernel (Q3_K, ...): the reference
-        w = self._packed(name)
+        w = self.packed.matrix(name)
         rows, cols = w.shape
         x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
         T = x.shape[0]
@@ -159,8 +205,9 @@ class FastGemma(Gemma):
             y = np.empty((T, rows), np.float32)  # [T, out]
             self._launch(w.matvec, x, y)
             return y
-        if self._f32 is not None and name.startswith("layers."):
-            return x @ self._once(self._f32, name, lambda: decoded_t(w))  # [T, in] @ [in, out]
+        kept = self.packed.f32_t(name)
+        if kept is not None:
+            return x @ kept  # [T, in] @ [in, out]
         step = max(1, min(rows, TILE_ELEMS // cols))  # rows per decoded tile
         tile = np.empty((step, cols), np.float32)  # this call's own: threads may share the model
         if step == rows:  # one tile: the whole matrix
@@ -175,11 +222,11 @@ class FastGemma(Gemma):
 
     def projections(self, x: np.ndarray, *names: str) -> list[np.ndarray]:
         """For a few tokens, one matvec over the matrices stacked (``Packed.stacked``): q, k, v
-        in one pass, gate and up in another. Each matvec costs ~9 us beyond its reads
-        (starting the threads, and memory streams); this saves 3 of the 7 a layer."""
+        in one pass, gate and up in another, which saves a matvec's start-up cost for each
+        matrix folded in (docs/performance.md)."""
         if len(x) > SMALL_T:
             return super().projections(x, *names)
-        stack, bounds = self._once(self._stacks, names, lambda: self._stack(names))
+        stack, bounds = self.packed.stack(names)
         if stack is None:
             return super().projections(x, *names)
         x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
@@ -188,12 +235,10 @@ class FastGemma(Gemma):
         return [np.ascontiguousarray(y[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def norm(self, x: np.ndarray, name: str) -> np.ndarray:
-        scale = self._once(self._norm_scale, name,  # 1 + w, once per weight
-                           lambda: f32(1) + self.weights[name].astype(f32))
         x = np.ascontiguousarray(x, dtype=np.float32)  # [..., N]
         out = np.empty_like(x)
-        rms_norm_rows(x.reshape(-1, x.shape[-1]), scale, float(self.config.rms_norm_eps),
-                      out.reshape(-1, x.shape[-1]))
+        rms_norm_rows(x.reshape(-1, x.shape[-1]), self.packed.norm_scale(name),
+                      float(self.config.rms_norm_eps), out.reshape(-1, x.shape[-1]))
         return out
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -207,14 +252,6 @@ class FastGemma(Gemma):
         out = np.empty(gate.shape, np.float32)  # [T, F]
         geglu_rows(gate, up, out)
         return out
-
-    def _stack(self, names):
-        """q, k, v (or gate, up) stacked, and where each part's rows end; no stack (None) when
-        a part has no kernel or the parts do not fit one (``Packed.stacked``)."""
-        tensors = [self.weights.tensors[n] for n in names]
-        kernels = all(getattr(t, "kind", "f32") in FORMATS for t in tensors)
-        stack = Packed.stacked([self._packed(n) for n in names]) if kernels else None
-        return stack, np.cumsum([0] + [t.shape[0] for t in tensors])
 
     def _attend_blocks(self, q, k, v, pos0, window, out):
         """Prefill attention: q k^T and p v on BLAS, a block of queries at a time.
