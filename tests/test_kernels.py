@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from tinygemma import kernels as K
-from tinygemma.kernels import fast_model
+from tinygemma.kernels import attention, fast_model
 from tinygemma import layers as L
 from tinygemma.checkpoints.gguf_file import GGUFTensor
 from tinygemma.checkpoints.weights import BF16Tensor, F16Tensor, Tensor, Weights
@@ -227,6 +227,22 @@ def test_attend_cache_splits_keys_over_threads(threads, H, Kv, T, window, cap):
     got = np.full_like(q, np.nan)
     K.attend_cache(q, k, v, pos0, first, window, 0.25, cap, threads, got)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@njit(cache=True)
+def first_keys(positions, window):
+    out = np.empty_like(positions)
+    for i in range(positions.size):
+        out[i] = attention._first_key(positions[i], window)
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 512])
+def test_first_key_kernel_equals_layers(window):
+    """The kernels' twin of ``layers.first_key`` (its window 0 for none), at every position."""
+    positions = np.arange(1200)
+    np.testing.assert_array_equal(first_keys(positions, window or 0),
+                                  L.first_key(positions, window))
 
 
 def test_exp_kernel_within_two_ulp():

@@ -79,6 +79,12 @@ def test_causal_mask_and_window_of_w_keys_including_current():
     assert np.array_equal(L.causal_mask(np.arange(3), np.arange(3)), np.tril(np.ones((3, 3), bool)))
 
 
+def test_first_key_is_the_start_of_a_window_of_w_keys():
+    # a window of 3 keys at position 5 holds keys 3, 4, 5; near the start it holds fewer
+    assert L.first_key(5, 3) == 3 and L.first_key(1, 3) == 0 and L.first_key(7, None) == 0
+    np.testing.assert_array_equal(L.first_key(np.arange(6), 2), [0, 0, 1, 2, 3, 4])
+
+
 def test_attention_uniform_over_equal_keys():
     q = np.ones((1, 2, 4), np.float32)
     k = np.ones((1, 2, 4), np.float32)

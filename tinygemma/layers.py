@@ -75,6 +75,18 @@ def softcap(x: np.ndarray, cap: float) -> np.ndarray:
     return f32(cap) * np.tanh(x / f32(cap))
 
 
+def first_key(q_pos, window: int | None):
+    """The first key position a query at ``q_pos`` sees (positions: an int or an array).
+
+    0 on a global layer (``window`` None); a sliding window of ``W`` holds ``W`` keys
+    including the current one, so there ``q - W + 1`` (never below 0): the first key that
+    ``causal_mask`` lets it see. The KV cache is read from here on.
+    """
+    if window is None:
+        return np.zeros_like(q_pos)
+    return np.maximum(np.asarray(q_pos) - window + 1, 0)
+
+
 def causal_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None = None) -> np.ndarray:
     """Which keys each query may see: earlier-or-same positions, and within the window.
 

@@ -247,7 +247,7 @@ class Gemma:
         """Attention of the new queries over the cache (the last W keys on local layers)."""
         c = self.config
         window = c.window(i)
-        first = 0 if window is None else max(0, positions[0] - window + 1)  # oldest key seen
+        first = int(L.first_key(positions[0], window))  # the oldest key any new query sees
         keys = np.arange(first, positions[-1] + 1)  # [S]
         mask = L.causal_mask(positions, keys, window)  # [T, S]
         k, v = cache.k[i][:, first:keys[-1] + 1], cache.v[i][:, first:keys[-1] + 1]  # [K, S, d]

@@ -19,6 +19,12 @@ from ._llvm import FAST, JIT, _exp, f32
 KEYS_PER_PART = 64  # decode attention: split a KV head's keys over threads from 2 x this many
 
 
+@njit(inline="always")
+def _first_key(p, window):
+    """``layers.first_key`` for one query at ``p``; the kernels take ``window`` 0 for none."""
+    return 0 if window <= 0 else max(0, p - window + 1)
+
+
 # ---- attention over the KV cache -------------------------------------------------------------
 @njit(inline="always", fastmath=FAST)
 def _exp_span(x, lo, hi, scale, cap):
@@ -83,7 +89,7 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, threads, out):
                 e[i, s - s0] = acc
         for i in range(n):
             p = pos0 + i % T
-            lo = first if window <= 0 else max(first, p - window + 1)  # keys [lo, p] are seen
+            lo = max(first, _first_key(p, window))  # keys [lo, p] are seen
             maxes[task, i], sums[task, i] = _exp_span(e[i], max(lo, s0) - s0, min(p + 1, s1) - s0,
                                                       scale, cap)
         o = parts[task]
@@ -134,7 +140,7 @@ def masked_softmax(scores, T, pos0, first, window, scale, cap):
     """
     for row in range(scores.shape[0]):
         p = pos0 + row % T
-        lo = 0 if window <= 0 else max(0, p - window + 1 - first)
+        lo = max(first, _first_key(p, window)) - first
         _, total = _exp_span(scores[row], lo, p - first + 1, scale, cap)  # keys [lo, p] are seen
         seen = scores[row, lo:p - first + 1]
         for s in range(seen.shape[0]):

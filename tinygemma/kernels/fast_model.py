@@ -26,6 +26,7 @@ import numba
 import numpy as np
 from numba import config as numba_config, set_num_threads
 
+from .. import layers as L
 from ..model import Gemma, KVCache
 from ._llvm import f32
 from .attention import attend_cache, geglu_rows, masked_softmax, rms_norm_rows, rope_rows
@@ -268,12 +269,12 @@ class FastGemma(Gemma):
         scale, cap = float(c.attn_scale), float(c.attn_logit_softcap or 0.0)
         for t0 in range(0, T, QUERY_BLOCK):
             t1 = min(T, t0 + QUERY_BLOCK)
-            lo = 0 if not window else max(0, pos0 + t0 - window + 1)  # first key of the block
+            lo = int(L.first_key(pos0 + t0, window))  # the first key of the block's queries
             hi = pos0 + t1  # keys [lo, hi)
             for kh in range(K):
                 qg = q[kh * G:(kh + 1) * G, t0:t1].reshape(G * (t1 - t0), d)  # [G*B, d]
                 scores = qg @ k[kh, lo:hi].T  # [G*B, S_b]
-                masked_softmax(scores, t1 - t0, pos0 + t0, lo, window, scale, cap)
+                masked_softmax(scores, t1 - t0, pos0 + t0, lo, window or 0, scale, cap)
                 pv = scores @ v[kh, lo:hi]  # [G*B, d]
                 out[kh * G:(kh + 1) * G, t0:t1] = pv.reshape(G, t1 - t0, d)
 
@@ -283,14 +284,14 @@ class FastGemma(Gemma):
         T = q.shape[1]
         probs = super().attend(q, cache, i, positions, True)[1] if want_probs else None
         c = self.config
-        window = c.window(i) or 0
+        window = c.window(i)
         pos0 = int(positions[0])
-        first = 0 if not window else max(0, pos0 - window + 1)
+        first = int(L.first_key(pos0, window))
         out = np.empty(q.shape, np.float32)  # [H, T, d]
         if T > SMALL_T:
             self._attend_blocks(q, cache.k[i], cache.v[i], pos0, window, out)
             return out, probs
         self._launch(attend_cache, np.ascontiguousarray(q, dtype=np.float32), cache.k[i],
-                     cache.v[i], pos0, first, window, float(c.attn_scale),
+                     cache.v[i], pos0, first, window or 0, float(c.attn_scale),
                      float(c.attn_logit_softcap or 0.0), self.threads, out)
         return out, probs
