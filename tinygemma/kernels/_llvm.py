@@ -126,8 +126,8 @@ def _q_put_impl(qp, p, c, lane, v):
 def _exp(x):
     """``exp(x)`` for float32 ``x <= 0`` (softmax), within 1.3 ulp of the exact value.
 
-    ``np.exp`` in a Numba loop is a call to libm per element (this Numba has no SVML), 4 ns
-    each; this one vectorises (0.2 ns; its one test becomes a select). Cephes' ``expf``:
+    ``np.exp`` in a Numba loop is a call to libm per element (this Numba has no SVML); this
+    one vectorises (its one test becomes a select). Cephes' ``expf``:
     ``x = n ln2 + r`` with ``|r| <= ln2 / 2``, a degree-6 polynomial for ``exp(r)``, and
     ``2**n`` built from bits. Below -87.3 the result would be subnormal; it is 0."""
     if x < f32(-87.33654):
@@ -150,8 +150,7 @@ def _stack_lanes(typingctx):
 
     The panel matvec accumulates into 80 of them (four groups' 16 rows, and the rows' sums).
     In an ``np.empty`` array (on the heap) LLVM must load and store them at every step; on
-    the stack, with constant indices, it keeps them in SIMD registers (that made the former
-    row-major Q8_0 LM head 1.9x faster)."""
+    the stack, with constant indices, it keeps them in SIMD registers (docs/performance.md)."""
     sig = types.CPointer(types.float32)()
 
     def codegen(context, builder, signature, args):

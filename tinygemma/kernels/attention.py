@@ -34,7 +34,7 @@ def _exp_span(x, lo, hi, scale, cap):
     ``-inf, 0``.
 
     The loops run over the slice from index 0: with ``range(lo, hi)`` Numba must handle a
-    negative index at every element, and the loops did not vectorise (10x slower)."""
+    negative index at every element, and the loops do not vectorise."""
     seen = x[lo:max(lo, hi)]
     if cap > 0:
         for s in range(seen.shape[0]):
@@ -152,8 +152,8 @@ def masked_softmax(scores, T, pos0, first, window, scale, cap):
 def rms_norm_rows(x, scale, eps, out):
     """``out = x / sqrt(mean(x^2) + eps) * scale`` per row of x ``[R, N]``; ``scale = 1 + w``.
 
-    ``layers.rms_norm`` in one pass per row instead of seven NumPy operations (10 us each for a
-    decoded token's vector)."""
+    ``layers.rms_norm`` in one pass per row instead of seven NumPy operations, each of which
+    costs more than the arithmetic for a decoded token's vector."""
     n = x.shape[1]
     for r in range(x.shape[0]):
         ss = f32(0)

@@ -35,8 +35,7 @@ TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3
 # Scales that are float16 in the file (Q8_0, Q5_0, Q4_0) stay float16 (int16 bits), 2 bytes.
 # Q4_K's values, 0 to 15, are stored two a byte (``_q_at``): the same loop, a shift and a mask
 # more per byte, half the bytes (0.75 bytes a weight with the scales, against 1.25 as int8).
-# Measured on the demo's LM head (Q8_0, 2 threads): 5.8 ms against 6.4 ms for the row-major
-# kernel, and 11.7 -> 6.3 ms on one thread (docs/performance.md).
+# Timings against the row-major kernel: docs/performance.md.
 
 PANEL = 16  # rows per panel: a SIMD register of float32 (AVX-512), or two (AVX2)
 
