@@ -189,7 +189,7 @@ def test_plots_draw_what_they_are_given(tiny):
     assert len(ax.lines) == len(IDS)
     np.testing.assert_allclose(ax.lines[2].get_ydata(), residual_norms(tape)[:, 2])
     lens = logit_lens(tiny, tape, positions=np.arange(len(IDS)), k=1)
-    ax = plot.logit_lens(lens, tiny, tokens)
+    ax = plot.lens_heatmap(lens, tiny, tokens)
     assert len(ax.texts) == (TINY.num_layers + 1) * len(IDS)
     assert ax.texts[0].get_text() == f"t{lens.top_ids[0, 0, 0]}"
     axes = plot.attention_heads(tape, 1, tokens)

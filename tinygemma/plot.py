@@ -72,7 +72,7 @@ def residual_norms(norms: np.ndarray, tokens=None, ax=None, title="residual stre
     return ax
 
 
-def logit_lens(lens, model, tokens=None, ax=None, value: str = "top", title="logit lens"):
+def lens_heatmap(lens, model, tokens=None, ax=None, value: str = "top", title="logit lens"):
     """The logit lens as a heat map: rows = depth, columns = positions.
 
     ``value="top"`` colours each cell by the probability of its top token and writes the token;
