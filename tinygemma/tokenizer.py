@@ -39,19 +39,21 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 import sentencepiece as spm
+from gguf import Keys, TokenType
 
 __all__ = ["Tokenizer", "StreamDecoder", "build_model_proto", "render_chat", "chat_parts",
            "check_unicode"]
 
-# SentencePiece piece types (sentencepiece_model.proto, ModelProto.SentencePiece.Type).
-# GGUF's tokenizer.ggml.token_type uses the same numbers.
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-KIND_NAMES = {NORMAL: "normal", UNKNOWN: "unknown", CONTROL: "control",
-              USER_DEFINED: "user_defined", UNUSED: "unused", BYTE: "byte"}
+# Piece types: GGUF's tokenizer.ggml.token_type (gguf.TokenType) numbers them as SentencePiece
+# does (sentencepiece_model.proto, ModelProto.SentencePiece.Type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (
+    int(TokenType[name]) for name in ("NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED",
+                                      "BYTE"))
+KIND_NAMES = {int(t): t.name.lower() for t in TokenType}
 
 SPACE = "\u2581"  # '▁', SentencePiece's spelling of a space
 
-GGUF_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+GGUF_KEYS = (Keys.Tokenizer.LIST, Keys.Tokenizer.SCORES, Keys.Tokenizer.TOKEN_TYPE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,19 +182,19 @@ def _gguf_vocab(meta: Mapping):
     if missing:
         raise ValueError(f"the GGUF metadata has no {', '.join(missing)}: no vocabulary to build "
                          "a tokenizer from")
-    model = meta.get("tokenizer.ggml.model", "llama")
+    model = meta.get(Keys.Tokenizer.MODEL, "llama")
     if model != "llama":
         raise ValueError(f"GGUF tokenizer model {model!r} is not a SentencePiece vocabulary "
                          "(Gemma's is 'llama')")
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    scores = [float(s) for s in meta["tokenizer.ggml.scores"]]
-    types = [int(t) for t in meta["tokenizer.ggml.token_type"]]
+    tokens = list(meta[Keys.Tokenizer.LIST])
+    scores = [float(s) for s in meta[Keys.Tokenizer.SCORES]]
+    types = [int(t) for t in meta[Keys.Tokenizer.TOKEN_TYPE]]
     if not len(tokens) == len(scores) == len(types):
         raise ValueError(f"GGUF vocabulary arrays disagree in length: {len(tokens)} tokens, "
                          f"{len(scores)} scores, {len(types)} types")
-    special = {name: meta.get(f"tokenizer.ggml.{key}") for name, key in
-               (("unk", "unknown_token_id"), ("bos", "bos_token_id"),
-                ("eos", "eos_token_id"), ("pad", "padding_token_id"))}
+    special = {name: meta.get(key) for name, key in
+               (("unk", Keys.Tokenizer.UNK_ID), ("bos", Keys.Tokenizer.BOS_ID),
+                ("eos", Keys.Tokenizer.EOS_ID), ("pad", Keys.Tokenizer.PAD_ID))}
     for name, i in special.items():
         if i is not None and not 0 <= int(i) < len(tokens):
             raise ValueError(f"GGUF {name} token id {i} is outside the vocabulary "
@@ -277,7 +279,7 @@ class Tokenizer:
         proto = build_model_proto(
             pieces, scores, types, unk_id=unk,
             **{f"{k}_id": (-1 if v is None else v) for k, v in special.items()},
-            add_dummy_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", False)))
+            add_dummy_prefix=bool(meta.get(Keys.Tokenizer.ADD_PREFIX, False)))
         # A special piece is written in a prompt as its GGUF spelling (e.g. "<unk>").
         special_text = {i: tokens[i] for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)}
         return cls(proto, source="GGUF vocabulary", piece_types=types,
