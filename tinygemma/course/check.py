@@ -62,6 +62,10 @@ class _NotWritten(Exception):
     pass
 
 
+class _NotATuple(Exception):
+    pass
+
+
 # ---- comparing outputs -------------------------------------------------------------------------
 def _outputs(got, names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
     """The student's return value as a tuple of float64 arrays, one per expected output."""
@@ -69,7 +73,7 @@ def _outputs(got, names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
         raise _NotWritten
     if len(names) > 1:
         if not isinstance(got, (tuple, list)) or len(got) != len(names):
-            raise ValueError(f"return the tuple ({', '.join(names)}), not a single value")
+            raise _NotATuple(f"return the tuple ({', '.join(names)})")
         return tuple(np.asarray(g, dtype=np.float64) for g in got)
     return (np.asarray(got, dtype=np.float64),)
 
@@ -124,7 +128,7 @@ def _run(component: str, fn, cases, reference, variants, names=("output",)) -> R
     ``cases``: (label, args) pairs; ``variants``: (hint, function) pairs, each function a known
     wrong version with the reference's signature.
     """
-    chapter, stub, target = COMPONENTS[component]
+    _, stub, target = COMPONENTS[component]
     name = getattr(fn, "__name__", stub)
     for label, args in cases:
         want = reference(*args)
@@ -133,6 +137,8 @@ def _run(component: str, fn, cases, reference, variants, names=("output",)) -> R
             got = _outputs(fn(*[a.copy() if isinstance(a, np.ndarray) else a for a in args]), names)
         except (NotImplementedError, _NotWritten):
             return _not_written(component, fn)
+        except _NotATuple as e:
+            return _finish(False, f"Not quite: {name} returns one value; {e}.")
         except Exception as e:  # the student's bug: say what it raised, on which input
             return _finish(False, f"Not quite: {name}{_describe(args)} on {label} raised "
                                   f"{type(e).__name__}: {e}")
