@@ -1,4 +1,4 @@
-"""The course chapters 00-06 are committed executed, small, and clean.
+"""The course chapters 00-06 and 13 are committed executed, small, and clean.
 
 nbmake executes the notebooks (``pytest --nbmake notebooks/``); these fast checks read the
 committed files only, so that a chapter pushed without its outputs, with an error in an
@@ -13,7 +13,7 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CHAPTERS = ["00_overview", "01_tokenizer", "02_embeddings", "03_rmsnorm", "04_rope",
-            "05_attention_mha_vs_mqa", "06_geglu"]
+            "05_attention_mha_vs_mqa", "06_geglu", "13_loss"]
 
 
 @pytest.fixture(params=CHAPTERS)
