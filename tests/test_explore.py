@@ -11,6 +11,7 @@ import pytest
 
 import tinygemma as tg
 from tinygemma import explore
+from tinygemma.trace import step_names
 
 PROMPT = "The capital of France is"  # prompt 0 of the demo fixture
 
@@ -57,12 +58,7 @@ def test_stepping_to_attn_probs_shows_that_heads_map(explorer, model):
 
 
 def test_buttons_walk_the_pass_in_order_and_stop_at_its_ends(explorer, model):
-    c = model.config
-    sub = ["attn_norm", "q", "k", "v", "attn_probs", "attn_out", "post_attn_norm", "resid_attn",
-           "mlp_norm", "gate", "up", "mlp_out", "post_mlp_norm", "resid_mlp"]
-    want = ["embed"] + [f"layers.{i}.{n}" for i in range(c.num_layers) for n in sub]
-    want += ["final_norm", "logits"]
-    assert [n for n in explorer.names if n in want] == want  # every documented name, in order
+    assert explorer.names == step_names(model.config) == list(explorer.tape)
     assert list(explorer.step_slider.options) == explorer.names
     explorer.step_slider.value = "embed"
     explorer.prev_button.click()

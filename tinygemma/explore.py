@@ -167,8 +167,9 @@ class LayerExplorer(widgets.VBox):
         model, tok = self.model, self.model.tokenizer
         ids = tok.encode(_check_prompt(prompt))
         self.ids, self.tokens = np.asarray(ids), _text(ids, tok)
-        self.tape = model.trace(ids)  # every named intermediate, in order
-        self.names = list(self.tape)
+        steps = model.steps(ids)  # the pass, paused at each named point
+        self.tape = dict(steps)  # ... run to the end once: every intermediate by name
+        self.names = steps.names  # trace.step_names(config), in order
         self.streams = stream_points(self.names)
         self.norms = lens.residual_norms(self.tape, model.config.num_layers)  # [L + 1, T]
         self.drawn.clear()
@@ -318,7 +319,7 @@ def layers(model, prompt: str, step: str | None = None, position: int = -1,
            head: int = 0) -> LayerExplorer:
     """A widget to step through the forward pass of ``prompt``, one named intermediate at a time.
 
-    Controls: previous / next step, a slider over every step (``trace()``'s names, in order),
+    Controls: previous / next step, a slider over every step (:func:`tinygemma.trace.step_names`),
     the position (token) and the attention head. Panels: the current intermediate (a heat map
     of positions x features, one head's map, or the top tokens of the logits), the chosen head's
     attention map in the current layer, the logit lens of the residual stream where the pass
