@@ -121,9 +121,11 @@ def test_a_new_prompt_runs_the_pass_again(model):
 def test_displayed_explorers_carry_a_static_picture(explorer, model):
     bundle = explorer._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert type(bundle["image/png"]) is bytes
     assert bundle["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
     s = explore.sampling(model, "Once upon a time")
     bundle = s._repr_mimebundle_()
+    assert type(bundle["image/png"]) is bytes  # what IPython encodes as base64 (a memoryview it cannot)
     assert bundle["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
     assert "application/vnd.jupyter.widget-view+json" in bundle
 

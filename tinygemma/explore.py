@@ -420,7 +420,7 @@ class SamplingExplorer(widgets.VBox):
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["image/png"] = self.panel.value  # the static picture: the current distribution
+        bundle["image/png"] = bytes(self.panel.value)  # the static picture (the widget holds a memoryview)
         return bundle
 
 
