@@ -18,21 +18,16 @@ import functools
 import http.server
 import os
 import re
-import shutil
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from playwright.sync_api import sync_playwright
+from chromium import browser  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = Path(os.environ.get("TINYGEMMA_SITE", ROOT / "site"))
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-# Headless in a container; background networking off, or Chromium calls Google's hosts itself.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 RAW_TEX = re.compile(r"\$\$|\\begin\{|\\end\{|\\(sqrt|frac|mathbb|mathrm|top|odot|in)\b|\$[^$\s]")
 PAGES = {  # page: (at least this many formulas, at least this many displayed)
     "notebooks/00_overview/": (30, 2),
@@ -56,14 +51,6 @@ class Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set CHROMIUM)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield b
-        b.close()
 
 
 def offline_page(browser):
