@@ -329,7 +329,7 @@ def test_from_file_on_our_proto_equals_from_gguf(tok, ref, tmp_path):
         assert other.encode(e["text"]) == e["ids"], e["text"][:40]
         assert other.decode(e["ids"]) == e["decode"]
     user = [i for i in range(tok.vocab_size) if tok.piece_kind(i) == "user_defined"]
-    assert user and {other.piece_kind(i) for i in user} == {"normal"}  # SentencePiece can't tell
+    assert user and {other.piece_kind(i) for i in user} == {"user_defined"}  # the proto says
     assert [other.piece_kind(i) for i in (0, 1, 2, 3)] == [tok.piece_kind(i) for i in (0, 1, 2, 3)]
 
 

@@ -10,17 +10,20 @@ Two sources, one tokenizer:
 * A Hugging Face checkpoint folder ships ``tokenizer.model``, a serialized SentencePiece
   ``ModelProto``; SentencePiece loads it as it is.
 * A GGUF file stores the vocabulary as three arrays (``tokenizer.ggml.tokens``, ``scores``,
-  ``token_type``). We write them back into a ``ModelProto`` by hand (the protobuf wire format
-  is a few lines, see :func:`build_model_proto`) and load that. Two GGUF traps: the
-  whitespace-run pieces are stored with literal spaces (llama.cpp's spelling) and must be
-  respelled ``▁▁``..., or SentencePiece never matches them; and ``<unk>`` is stored as a
-  CONTROL piece, while SentencePiece needs exactly one UNKNOWN piece.
+  ``token_type``). We write them back into a ``ModelProto`` with the protobuf classes the
+  sentencepiece wheel ships (``sentencepiece_model_pb2``, see :func:`build_model_proto`) and
+  load that. Two GGUF traps: the whitespace-run pieces are stored with literal spaces
+  (llama.cpp's spelling) and must be respelled ``▁▁``..., or SentencePiece never matches
+  them; and ``<unk>`` is stored as a CONTROL piece, while SentencePiece needs exactly one
+  UNKNOWN piece.
 
 Control pieces (``<bos>``, ``<start_of_turn>``, ``<end_of_turn>``, ``<unused0>`` ...) are never
 produced by SentencePiece's BPE from text. transformers treats them as special tokens that are
 cut out of the text first (leftmost, longest match) and BPE runs on the text between them;
 :meth:`Tokenizer.encode` does the same, so ``"<start_of_turn>user\\n"`` is three tokens:
-``<start_of_turn>``, ``user``, ``\\n``.
+``<start_of_turn>``, ``user``, ``\\n``. (Written as USER_DEFINED pieces, SentencePiece would
+match them itself, but not ``<unk>``, the one UNKNOWN piece, and ``parse_special=False`` needs
+them unmatched; so :class:`_SpecialFinder` cuts them out.)
 
 One place where transformers and SentencePiece disagree: a run of more spaces than the longest
 whitespace piece (31 in Gemma). SentencePiece takes the longest piece first (40 spaces: 31 + 9);
@@ -35,20 +38,19 @@ import heapq
 import numbers
 import os
 import re
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 import sentencepiece as spm
 from gguf import Keys, TokenType
+from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 __all__ = ["Tokenizer", "StreamDecoder", "build_model_proto", "render_chat", "chat_parts",
            "check_unicode"]
 
 # Piece types: GGUF's tokenizer.ggml.token_type (gguf.TokenType) numbers them as SentencePiece
 # does (sentencepiece_model.proto, ModelProto.SentencePiece.Type).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (
-    int(TokenType[name]) for name in ("NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED",
-                                      "BYTE"))
+UNKNOWN, CONTROL, USER_DEFINED, BYTE = (
+    int(TokenType[name]) for name in ("UNKNOWN", "CONTROL", "USER_DEFINED", "BYTE"))
 KIND_NAMES = {int(t): t.name.lower() for t in TokenType}
 
 SPACE = "\u2581"  # '▁', SentencePiece's spelling of a space
@@ -57,64 +59,8 @@ GGUF_KEYS = (Keys.Tokenizer.LIST, Keys.Tokenizer.SCORES, Keys.Tokenizer.TOKEN_TY
 
 
 # ---------------------------------------------------------------------------------------------
-# The protobuf wire format, just enough to write a SentencePiece ModelProto.
-#
-# A message is a sequence of fields; each field is a key varint (field_number << 3 | wire_type)
-# followed by its value: wire type 0 a varint (ints, bools, enums), 2 a length-prefixed byte
-# string (strings, nested messages), 5 four little-endian bytes (float).
-# Field numbers are those of sentencepiece_model.proto:
-#   ModelProto      { repeated SentencePiece pieces = 1; TrainerSpec trainer_spec = 2;
-#                     NormalizerSpec normalizer_spec = 3; }
-#   SentencePiece   { string piece = 1; float score = 2; Type type = 3; }
-#   TrainerSpec     { model_type = 3 (BPE = 2); vocab_size = 4; split_digits = 25;
-#                     allow_whitespace_only_pieces = 26; byte_fallback = 35; unk_id = 40;
-#                     bos_id = 41; eos_id = 42; pad_id = 43; unk_piece = 45; bos_piece = 46;
-#                     eos_piece = 47; pad_piece = 48; }
-#   NormalizerSpec  { name = 1; add_dummy_prefix = 3; remove_extra_whitespaces = 4;
-#                     escape_whitespaces = 5; }
+# The SentencePiece ModelProto, through the protobuf classes sentencepiece ships
 # ---------------------------------------------------------------------------------------------
-
-def _varint(n: int) -> bytes:
-    """Base-128 varint; negative int32 values are written as 64-bit two's complement."""
-    n &= (1 << 64) - 1
-    if n < 0x80:
-        return _SMALL_VARINTS[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_SMALL_VARINTS = [bytes([n]) for n in range(0x80)]
-
-
-def _int_field(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(int(value))
-
-
-def _bytes_field(number: int, value: bytes | str) -> bytes:
-    if isinstance(value, str):
-        value = value.encode("utf-8")
-    return _varint(number << 3 | 2) + _varint(len(value)) + value
-
-
-def _pieces_field(pieces: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> bytes:
-    """Every SentencePiece{piece = 1, score = 2, type = 3} as a ModelProto.pieces (1) field.
-
-    The hot loop of building a 262K vocabulary, so the keys are written as constants:
-    0x0A field 1 bytes, 0x15 field 2 float, 0x18 field 3 varint.
-    """
-    packed = struct.pack(f"<{len(scores)}f", *scores)
-    out = bytearray()
-    for k, (piece, kind) in enumerate(zip(pieces, types)):
-        raw = piece.encode("utf-8")
-        body = (b"\x0a" + _varint(len(raw)) + raw + b"\x15" + packed[4 * k:4 * k + 4]
-                + b"\x18" + _varint(kind))
-        out += b"\x0a" + _varint(len(body)) + body
-    return bytes(out)
-
 
 def build_model_proto(pieces: Sequence[str], scores: Sequence[float], types: Sequence[int],
                       *, unk_id: int, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1,
@@ -129,25 +75,31 @@ def build_model_proto(pieces: Sequence[str], scores: Sequence[float], types: Seq
     def piece_or_empty(i):
         return pieces[i] if 0 <= i < len(pieces) else ""
 
-    trainer = b"".join([
-        _int_field(3, 2),                    # model_type: BPE
-        _int_field(4, len(pieces)),          # vocab_size
-        _int_field(25, 1),                   # split_digits
-        _int_field(26, 1),                   # allow_whitespace_only_pieces
-        _int_field(35, 1),                   # byte_fallback
-        _int_field(40, unk_id), _int_field(41, bos_id),
-        _int_field(42, eos_id), _int_field(43, pad_id),
-        _bytes_field(45, piece_or_empty(unk_id)), _bytes_field(46, piece_or_empty(bos_id)),
-        _bytes_field(47, piece_or_empty(eos_id)), _bytes_field(48, piece_or_empty(pad_id)),
-    ])
-    normalizer = b"".join([
-        _bytes_field(1, "identity"),         # no Unicode normalization (no NFKC)
-        _int_field(3, int(add_dummy_prefix)),
-        _int_field(4, 0),                    # remove_extra_whitespaces: keep every space
-        _int_field(5, 1),                    # escape_whitespaces: ' ' -> '▁'
-    ])
-    return (_pieces_field(pieces, scores, types) + _bytes_field(2, trainer)
-            + _bytes_field(3, normalizer))
+    proto = sp_model.ModelProto()
+    add = proto.pieces.add  # one call per piece: the fastest way to fill 262K of them
+    for piece, score, kind in zip(pieces, scores, types):
+        add(piece=piece, score=score, type=kind)
+    trainer = proto.trainer_spec
+    trainer.model_type = sp_model.TrainerSpec.BPE
+    trainer.vocab_size = len(pieces)
+    trainer.split_digits = True
+    trainer.allow_whitespace_only_pieces = True
+    trainer.byte_fallback = True
+    trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = unk_id, bos_id, eos_id, pad_id
+    trainer.unk_piece, trainer.bos_piece, trainer.eos_piece, trainer.pad_piece = (
+        piece_or_empty(i) for i in (unk_id, bos_id, eos_id, pad_id))
+    normalizer = proto.normalizer_spec
+    normalizer.name = "identity"             # no Unicode normalization (no NFKC)
+    normalizer.add_dummy_prefix = add_dummy_prefix
+    normalizer.remove_extra_whitespaces = False  # keep every space
+    normalizer.escape_whitespaces = True     # ' ' -> '▁'
+    return proto.SerializeToString()
+
+
+def _piece_types(model_proto: bytes) -> list[int]:
+    """Each piece's type as the ModelProto states it (SentencePiece's API cannot tell a
+    USER_DEFINED piece from a NORMAL one)."""
+    return [piece.type for piece in sp_model.ModelProto.FromString(model_proto).pieces]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +171,7 @@ class Tokenizer:
         """Load a serialized SentencePiece ModelProto.
 
         Usually called through :meth:`from_file` or :meth:`from_gguf`. ``piece_types`` (the
-        SentencePiece type of every id) saves asking SentencePiece for them one by one;
+        SentencePiece type of every id, by default read from the ModelProto) saves parsing it;
         ``special_text`` maps control ids to the text that stands for them in a prompt (by
         default their piece); ``special_ids`` may pin bos/eos/pad (a GGUF states them),
         otherwise they are found by their piece.
@@ -234,7 +186,7 @@ class Tokenizer:
         self.model_proto = bytes(model_proto)
         n = self.sp.get_piece_size()
         self._pieces = self.sp.id_to_piece(list(range(n)))
-        types = list(piece_types) if piece_types is not None else self._types_from_sp()
+        types = list(piece_types) if piece_types is not None else _piece_types(model_proto)
         self._build_tables(types, special_text or {})
         self._find_special_ids(special_ids or {})
 
@@ -284,19 +236,6 @@ class Tokenizer:
         special_text = {i: tokens[i] for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)}
         return cls(proto, source="GGUF vocabulary", piece_types=types,
                    special_text=special_text, special_ids=special)
-
-    def _types_from_sp(self) -> list[int]:
-        """Each piece's type, asked of SentencePiece (a tokenizer.model states them).
-
-        SentencePiece's API has no test for USER_DEFINED; those come out NORMAL, which is all
-        the tables below need.
-        """
-        sp = self.sp
-
-        def kind(i):
-            return (CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i)
-                    else BYTE if sp.is_byte(i) else UNUSED if sp.is_unused(i) else NORMAL)
-        return [kind(i) for i in range(len(self._pieces))]
 
     def _build_tables(self, types: Sequence[int], special_text: Mapping[int, str]):
         """What each id decodes to, which ids are special, and how to find specials in text."""
@@ -393,7 +332,7 @@ class Tokenizer:
 
     def piece_kind(self, i: int) -> str:
         """What id ``i`` is: "normal", "control", "byte", "unknown", "user_defined" or "unused"
-        (SentencePiece's piece types; a tokenizer.model reports user-defined pieces as normal)."""
+        (SentencePiece's piece types, as the tokenizer.model or the GGUF states them)."""
         return KIND_NAMES[self._types[self._check_id(i)]]
 
     def piece_score(self, i: int) -> float:
@@ -606,9 +545,9 @@ class _SpaceRuns:
     """
 
     def __init__(self, pieces: Sequence[str], types: Sequence[int]):
-        # By spelling: SentencePiece's API cannot tell a user-defined piece from a normal one.
-        self.ids = {len(p): i for i, (p, t) in enumerate(zip(pieces, types))
-                    if t in (NORMAL, USER_DEFINED) and len(p) > 1 and set(p) == {SPACE}}
+        # The runs are user-defined pieces (a few hundred ids); their spelling gives the length.
+        self.ids = {len(pieces[i]): i for i, t in enumerate(types)
+                    if t == USER_DEFINED and len(pieces[i]) > 1 and set(pieces[i]) == {SPACE}}
         # A lone space left over would merge with the next character in transformers; with
         # Gemma's pieces (every run from 2 to 31) a long run never leaves one.
         self.ids[1] = next((i for i, p in enumerate(pieces) if p == SPACE), None)
