@@ -1,6 +1,8 @@
-"""One engine's prefill and decode speed, run in its own process so its peak RSS is its own.
+"""One engine's speed, run in its own process so its peak RSS and its start-up are its own.
 
     python benchmarks/engines.py ENGINE --model PATH --ids IDS.json --new-tokens N --repeats R
+    python benchmarks/engines.py ENGINE --mode startup --model PATH --text "The capital of France is"
+    python benchmarks/engines.py ENGINE --mode cold --model PATH --ids IDS.json
 
 ENGINE is ``tinygemma`` (the fast path), ``tinygemma-ref`` (the NumPy reference path),
 ``tinygemma-int8`` (the fast path with ``quantize="int8"``: for bf16 checkpoints),
@@ -9,16 +11,35 @@ transformers' GGUF loader) or ``llama.cpp`` (llama-cpp-python on the same GGUF, 
 quantised kernels). Every engine gets the same prompt token ids and decodes greedily with its
 KV cache, one token per call. Prints one JSON line: prefill and decode tokens/s (medians),
 peak RSS, or ``{"skipped": reason}`` when the engine is not installed.
+
+``--mode startup`` (``tinygemma`` or ``llama.cpp``): what a new process costs before its first
+token, as ``tinygemma generate TEXT --max-new-tokens 1`` does: import, load the checkpoint,
+tokenize ``--text``, one forward pass, the first token as text. Times are seconds since
+``--spawned-at`` (the parent's ``time.time()`` just before it started this process; by default
+this script's start, which leaves out the interpreter's own start-up). For tinygemma, where
+the time went, each part counted once (exclusive): ``imports`` (tinygemma, NumPy, Numba,
+gguf), ``demo file`` (finding and checking the assembled demo GGUF), ``GGUF header``
+(metadata, tensor views, config), ``vocabulary`` (the tokenizer built from the GGUF's
+pieces), ``unpacking`` (GGUF blocks to panels: ``Packed`` construction), ``Numba kernels``
+(loading cached machine code, or compiling), ``forward`` (the rest of the first forward pass)
+and ``other``. ``--mode cold``: in a new process, a 6-token warm-up prompt and one decoded
+token, then the ``--ids`` prompt into an empty cache (cold: the first long prompt, paying for
+whatever prefill builds or loads once), then the same prompt again, twice (warm, the median).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import resource
-import sys
 import time
+
+STARTED = time.time()  # this script's start (startup mode: its imports count from here)
+
+import argparse  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 if len(sys.argv) > 1 and sys.argv[1].startswith("tinygemma"):
     import tinygemma  # noqa: F401  before NumPy, as the tinygemma command does (OpenBLAS spin)
@@ -39,6 +60,162 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Stages:
+    """Seconds spent in named stages, each counted once: time inside a stage nested in another
+    (a kernel loaded while unpacking) counts for the inner one only. One thread."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._stack: list[str] = []
+        self._t = time.perf_counter()
+
+    def _switch(self):
+        now = time.perf_counter()
+        if self._stack:
+            name = self._stack[-1]
+            self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
+
+    @contextmanager
+    def stage(self, name: str):
+        self._switch()
+        self._stack.append(name)
+        try:
+            yield
+        finally:
+            self._switch()
+            self._stack.pop()
+
+    def wrap(self, owner, attr: str, name: str) -> None:
+        """Count calls of ``owner.attr`` (a function, method or classmethod) as ``name``; an
+        attribute that does not exist (the code moved) is left out, its time goes to the
+        stage around it."""
+        raw = inspect.getattr_static(owner, attr, None)
+        if raw is None:
+            return
+        fn = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
+        stages = self
+
+        def timed(*args, **kwargs):
+            with stages.stage(name):
+                return fn(*args, **kwargs)
+        timed.__wrapped__ = fn
+        setattr(owner, attr, type(raw)(timed) if isinstance(raw, (classmethod, staticmethod))
+                else timed)
+
+
+def tinygemma_stages() -> Stages:
+    """A :class:`Stages` counting tinygemma's start-up parts (module docstring)."""
+    import numba.core.dispatcher
+
+    import tinygemma.checkpoints.gguf_file
+    import tinygemma.kernels.matvec
+    import tinygemma.loader
+    import tinygemma.tokenizer
+    st = Stages()
+    st.wrap(tinygemma.loader, "demo_path", "demo file")
+    st.wrap(tinygemma.loader, "load_gguf", "GGUF header")
+    st.wrap(tinygemma.tokenizer.Tokenizer, "from_gguf", "vocabulary")
+    st.wrap(tinygemma.kernels.matvec.Packed, "__init__", "unpacking")
+    st.wrap(numba.core.dispatcher.Dispatcher, "compile", "Numba kernels")
+    return st
+
+
+def startup_tinygemma(path, text, threads, spawned_at):
+    """Seconds since ``spawned_at`` to the first token of ``text`` (module docstring)."""
+    t_main = STARTED  # tinygemma was imported then, before NumPy (top of this file)
+    if threads:
+        os.environ["TINYGEMMA_THREADS"] = str(threads)
+    import tinygemma as tg
+    import tinygemma.kernels  # noqa: F401  (the fast path imports it when loading)
+    t_imports = time.time()
+    st = tinygemma_stages()
+    with st.stage("other"):
+        model = tg.load_demo() if path is None else tg.load(path)
+        ids = model.tokenizer.encode(text)
+        with st.stage("forward"):
+            logits = model.forward(np.asarray(ids), last_only=True)  # [1, V]
+        first = model.tokenizer.decode([int(np.argmax(logits[0]))])
+    t_first = time.time()
+    parts = {"Python start-up": t_main - spawned_at, "imports": t_imports - t_main, **st.seconds}
+    return {"first_token_s": t_first - spawned_at, "stages": parts, "prompt_tokens": len(ids),
+            "first_token": first, "detail": f"numba {__import__('numba').__version__}"}
+
+
+def startup_llama_cpp(path, text, threads, spawned_at):
+    t_main = STARTED
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"skipped": "llama-cpp-python not installed"}
+    if path is None or os.path.isdir(path):
+        return {"skipped": "llama.cpp reads GGUF files only"}
+    t_imports = time.time()
+    n = threads or os.cpu_count()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=512, n_threads=n,
+                          n_threads_batch=n, logits_all=False, verbose=False)
+    t_load = time.time()
+    ids = llm.tokenize(text.encode(), add_bos=True)
+    llm.eval(ids)
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+    first = llm.detokenize([int(np.argmax(logits))]).decode(errors="replace")
+    t_first = time.time()
+    parts = {"Python start-up": t_main - spawned_at, "imports": t_imports - t_main,
+             "load": t_load - t_imports, "first forward": t_first - t_load}
+    return {"first_token_s": t_first - spawned_at, "stages": parts, "prompt_tokens": len(ids),
+            "first_token": first, "detail": f"llama-cpp-python {llama_cpp.__version__}, {n} threads"}
+
+
+def cold_tinygemma(path, ids, threads):
+    """A 6-token prompt and a decoded token, then ``ids`` cold, then twice warm; seconds."""
+    if threads:
+        os.environ["TINYGEMMA_THREADS"] = str(threads)
+    import tinygemma as tg
+    t0 = time.perf_counter()
+    model = tg.load(path)
+    load_s = time.perf_counter() - t0
+    cache = model.new_cache(8)
+    logits = model.forward(ids[:6], cache=cache, last_only=True)
+    model.forward(np.array([int(np.argmax(logits[0]))]), cache=cache, last_only=True)
+    st = tinygemma_stages()
+    times = []
+    for k in range(3):
+        cache = model.new_cache(len(ids) + 1)
+        t0 = time.perf_counter()
+        with st.stage("forward" if k == 0 else "warm"):
+            model.forward(ids, cache=cache, last_only=True)
+        times.append(time.perf_counter() - t0)
+    stages = {k: v for k, v in st.seconds.items() if k != "warm"}
+    return {"cold_s": times[0], "warm_s": float(np.median(times[1:])), "load_s": load_s,
+            "stages": stages, "detail": f"numba {__import__('numba').__version__}"}
+
+
+def cold_llama_cpp(path, ids, threads):
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"skipped": "llama-cpp-python not installed"}
+    if os.path.isdir(path):
+        return {"skipped": "llama.cpp reads GGUF files only"}
+    n = threads or os.cpu_count()
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=len(ids) + 8, n_batch=512, n_ubatch=512,
+                          n_threads=n, n_threads_batch=n, logits_all=False, verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = [int(i) for i in ids]
+    llm.eval(ids[:6])
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+    llm.eval([int(np.argmax(logits))])
+    times = []
+    for _ in range(3):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        times.append(time.perf_counter() - t0)
+    return {"cold_s": times[0], "warm_s": float(np.median(times[1:])), "load_s": load_s,
+            "detail": f"llama-cpp-python {llama_cpp.__version__}, {n} threads"}
 
 
 def timed_runs(prefill, step, ids, new_tokens, repeats):
@@ -152,15 +329,38 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("engine", choices=["tinygemma", "tinygemma-ref", "tinygemma-int8",
                                       "transformers", "llama.cpp"])
-    p.add_argument("--model", required=True)
-    p.add_argument("--ids", required=True, help="JSON file with the prompt token ids")
+    p.add_argument("--mode", default="speed", choices=["speed", "startup", "cold"])
+    p.add_argument("--model", default=None, help="checkpoint (startup: default the demo)")
+    p.add_argument("--ids", default=None, help="JSON file with the prompt token ids")
+    p.add_argument("--text", default="The capital of France is", help="startup's prompt")
+    p.add_argument("--spawned-at", type=float, default=STARTED,
+                   help="startup: the parent's time.time() when it started this process")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--tf-dtype", default="float32", choices=["float32", "bfloat16", "auto"])
     a = p.parse_args(argv)
+    if a.mode == "startup":
+        if a.engine not in ("tinygemma", "llama.cpp"):
+            p.error("--mode startup measures tinygemma or llama.cpp")
+        run = startup_tinygemma if a.engine == "tinygemma" else startup_llama_cpp
+        r = run(a.model, a.text, a.threads, a.spawned_at)
+        print("RESULT " + json.dumps(r), flush=True)
+        return 0
+    if a.model is None or a.ids is None:
+        p.error("--model and --ids are needed (except for --mode startup)")
     with open(a.ids) as f:
         ids = np.asarray(json.load(f), np.int64)
+    if a.mode == "cold":
+        if a.engine not in ("tinygemma", "llama.cpp"):
+            p.error("--mode cold measures tinygemma or llama.cpp")
+        r = (cold_tinygemma if a.engine == "tinygemma" else cold_llama_cpp)(a.model, ids,
+                                                                               a.threads)
+        if "skipped" not in r:
+            r.update(cold_tok_s=len(ids) / r["cold_s"], warm_tok_s=len(ids) / r["warm_s"],
+                     peak_rss_bytes=peak_rss(), prompt_tokens=len(ids))
+        print("RESULT " + json.dumps(r), flush=True)
+        return 0
     try:
         if a.engine.startswith("tinygemma"):
             r = run_tinygemma(a.model, ids, a.new_tokens, a.repeats, a.engine != "tinygemma-ref",
