@@ -31,14 +31,10 @@ from . import layers as L
 def unembed(model, x: np.ndarray) -> np.ndarray:
     """Logits of residual-stream vectors ``[T, D] -> [T, V]``: final norm, LM head, soft-cap.
 
-    The same last steps as the model's forward pass, applied to any point of the stream.
+    The model's own :meth:`~tinygemma.model.Gemma.unembed`, the last steps of its forward pass,
+    applied to any point of the stream.
     """
-    c, W = model.config, model.weights
-    h = L.rms_norm(x, W["final_norm"], c.rms_norm_eps)  # [T, D]
-    logits = model.linear(h, "embed" if c.tie_word_embeddings else "lm_head")  # [T, V]
-    if c.final_logit_softcap:
-        logits = L.softcap(logits, c.final_logit_softcap)  # [T, V] (Gemma 2)
-    return logits
+    return model.unembed(x)  # [T, V]
 
 
 def residual_stream(tape: dict[str, np.ndarray], num_layers: int) -> list[np.ndarray]:

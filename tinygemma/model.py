@@ -175,11 +175,20 @@ class Gemma:
         cache.pos += len(ids)
         if last_only:
             x = x[-1:]  # [1, D]: the LM head only where logits are needed
+        return at("logits", self.unembed(x, at))  # [T, V]
+
+    def unembed(self, x: np.ndarray, at=NOBODY) -> np.ndarray:
+        """Logits ``[T, V]`` of residual-stream vectors ``[T, D]``: final norm, LM head, soft-cap.
+
+        The end of every forward pass; the logit lens (:mod:`tinygemma.lens`) applies it to
+        any point of the stream.
+        """
+        c = self.config
         x = at("final_norm", self.norm(x, "final_norm"))  # [T, D]
         logits = self.linear(x, "embed" if c.tie_word_embeddings else "lm_head")  # [T, V]: x E^T
         if c.final_logit_softcap:
             logits = L.softcap(logits, c.final_logit_softcap)  # [T, V] (Gemma 2)
-        return at("logits", logits)
+        return logits
 
     def _block(self, i, x, positions, rope, cache, at):
         c, p = self.config, f"layers.{i}."
