@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from tinygemma import kernels as K
-from tinygemma.kernels import attention, fast_model
+from tinygemma.kernels import attention, fast_model, gemm
 from tinygemma import layers as L
 from tinygemma.checkpoints.gguf_file import GGUFTensor
 from tinygemma.checkpoints.weights import BF16Tensor, F16Tensor, Tensor, Weights
@@ -141,10 +141,44 @@ def test_matvec_equals_numpy(kind, rows, blocks, T):
     assert_close_products(y, x, t.f32())
 
 
+# ---- prefill's matrix product over panels: x W^T to float32 rounding ----------------------------
+@pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q5_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+                                  "int8-bf16", "int8-f16", "int8-f32"], ids=kind_id)
+@pytest.mark.parametrize("rows, blocks, T, chunks", [
+    (16, 1, 9, 1),  # one panel, one block of tokens (part filled)
+    (37, 2, 16, 3),  # a part-filled last panel, more chunks than whole panels in some
+    (130, 5, 33, 2),  # 5 groups of 32: a span of four and one after; 3 blocks, the last of 1
+    (300, 1, 50, 7)])
+def test_gemm_panels_equals_decoded_product(kind, rows, blocks, T, chunks):
+    """gemm_panels (prefill) equals x @ W^T on the reference's decoded weights, for every
+    panel format, tokens not a multiple of the block, rows not a multiple of the panel."""
+    rng = np.random.default_rng(rows + T)
+    stored = kind.split("-")[1] if isinstance(kind, str) else kind
+    per = BLOCK[kind][0] if isinstance(kind, Q) else 32
+    t = make_tensor(stored, rows, per * blocks, rng)
+    p = K.Packed(t, quantize="int8" if isinstance(kind, str) else None)
+    w = np.empty(t.shape, np.float32)  # the weights the product must use
+    p.decode(0, rows, w)
+    if isinstance(kind, Q):
+        assert np.array_equal(w, t.f32())
+    x = rng.standard_normal((T, t.shape[1])).astype(np.float32)
+    y = np.full((T, rows), np.nan, np.float32)
+    gemm.gemm_panels(p.q, p.scale, p.shift, p.has_shift, x, chunks, y)
+    assert_close_products(y, x, w)
+
+
+def test_gemm_chunks_share_the_panels_evenly():
+    assert gemm.gemm_chunks(1, 2) == 1  # never more chunks than panels
+    assert gemm.gemm_chunks(16, 2) == 2
+    assert gemm.gemm_chunks(40, 2) == 6  # 3 each: about 8 panels a chunk, equal shares
+    assert gemm.gemm_chunks(128, 2) == 16
+
+
 @pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_K, Q.Q6_K, "bf16"], ids=kind_id)
 @pytest.mark.parametrize("T", [1, K.SMALL_T + 1, 40])
 def test_fast_linear_every_T(kind, T, monkeypatch):
-    """FastGemma.linear: matvec for few tokens, decoded tiles + BLAS for many (several tiles)."""
+    """FastGemma.linear: matvec for few tokens; for many, the panels' product (GGUF) or decoded
+    tiles + BLAS (bf16, several tiles)."""
     rng = np.random.default_rng(T)
     t = make_tensor(kind, 300, 512, rng)
     model = K.FastGemma(gemma_config(), Weights({"w": t}))

@@ -13,6 +13,8 @@ One file per concern:
   to float32, and which kernel reads which type (``FORMATS``);
 * ``matvec.py``: panels of 16 rows, the matvec kernels, and :class:`Packed`, one matrix in the
   form they read;
+* ``gemm.py``: the prefill's matrix product over panels (many tokens at once), decoding each
+  panel's column in registers once for 16 tokens;
 * ``attention.py``: attention over the KV cache, the prefill's masked softmax, RMSNorm, RoPE
   and the GeGLU gate;
 * ``fast_model.py``: :class:`FastGemma`, which overrides six methods of :class:`Gemma`
@@ -30,6 +32,7 @@ from .attention import (KEYS_PER_PART, attend_cache, geglu_rows, masked_softmax,
                         rms_norm_rows, rope_rows)
 from .fast_model import (KEEP_F32_BYTES, QUERY_BLOCK, SMALL_T, FastGemma, PackedWeights,
                          launch, tune_malloc)
+from .gemm import gemm_panels
 from .matvec import (PANEL, TILE_ELEMS, Packed, _panel_dot, decode_panels, matvec_panels,
                      matvec_stored, release_pages, stored_bytes, to_panels)
 from .quant import (FORMATS, STORED, UNPACKED, decode_stored, quantize_int8_g32, unpack_k,

@@ -30,12 +30,13 @@ from .. import layers as L
 from ..model import Gemma, KVCache
 from ._llvm import f32
 from .attention import attend_cache, geglu_rows, masked_softmax, rms_norm_rows, rope_rows
+from .gemm import gemm_chunks, gemm_panels
 from .matvec import TILE_ELEMS, Packed
-from .quant import FORMATS
+from .quant import FORMATS, STORED
 
-SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, decoded tiles and BLAS
+SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, the prefill's products
 QUERY_BLOCK = 128  # prefill attention: queries per block (see FastGemma._attend_blocks)
-KEEP_F32_BYTES = 512 << 20  # prefill keeps the layers' matrices in float32 if all fit in this
+KEEP_F32_BYTES = 512 << 20  # prefill keeps bf16/f16/f32 layer matrices in float32 if all fit
 
 _LAUNCHING = threading.Lock()
 _local = threading.local()  # per calling thread: the Numba thread count set there
@@ -109,9 +110,11 @@ class PackedWeights:
 
     ``matrix(name)``: a :class:`Packed` matrix; ``stack(names)``: q, k, v (or gate, up) as one;
     ``norm_scale(name)``: ``1 + w`` of a norm; ``f32_t(name)``: a layer's ``W^T`` in float32
-    for prefill, kept only when all the layers' matrices fit in ``keep_f32_bytes`` (decoding
-    them costs ~10% of a prefill, so a small model, the demo's 0.4 GB, keeps them; a large
-    one decodes tiles at every prefill instead, so that its memory stays the compact weights).
+    for prefill, for matrices read as stored (bf16, f16, f32), kept only when all of those
+    fit in ``keep_f32_bytes`` (0: never): decoding them costs ~10% of a prefill, so a small
+    model keeps them; a large one decodes tiles at every prefill instead, so that its memory
+    stays the compact weights. Panels (the GGUF types, int8) need no float32 copy: the
+    prefill multiplies them as they are (``gemm_panels``).
     ``fast``: the names of the matrices a kernel reads (a type without one, Q3_K..., takes
     the reference path).
 
@@ -128,8 +131,9 @@ class PackedWeights:
         self.stacks: dict[tuple[str, ...], tuple[Packed | None, np.ndarray]] = {}
         self.norm_scales: dict[str, np.ndarray] = {}
         f32_bytes = sum(4 * t.shape[0] * t.shape[1] for n, t in tensors.items()
-                        if n.startswith("layers.") and len(t.shape) == 2)
-        self.f32: dict[str, np.ndarray] | None = {} if f32_bytes <= keep_f32_bytes else None
+                        if n.startswith("layers.") and len(t.shape) == 2 and t.kind in STORED)
+        keep = 0 < keep_f32_bytes and f32_bytes <= keep_f32_bytes
+        self.f32: dict[str, np.ndarray] | None = {} if keep else None
         self._building = threading.RLock()  # a stack builds its parts under it too
 
     def _once(self, store: dict, key, build):
@@ -159,7 +163,8 @@ class PackedWeights:
         return self._once(self.norm_scales, name, lambda: f32(1) + self.weights[name].astype(f32))
 
     def f32_t(self, name: str) -> np.ndarray | None:
-        if self.f32 is None or not name.startswith("layers."):
+        if (self.f32 is None or not name.startswith("layers.")
+                or self.matrix(name).kind not in STORED):  # panels: multiplied as they are
             return None
         return self._once(self.f32, name, lambda: decoded_t(self.matrix(name)))
 
@@ -171,15 +176,17 @@ class FastGemma(Gemma):
     Weights stay compact: bf16 and float16 are read as stored (memory-mapped), GGUF block
     types are unpacked to int8 panels + scales when first used (:class:`PackedWeights`).
     ``linear``: for up to ``SMALL_T`` tokens a matvec kernel decodes the weights in registers;
-    for more (prefill), float32 matrices are multiplied with BLAS: kept decoded when all the
-    layers' fit in ``keep_f32_bytes``, else decoded a tile of rows at a time.
+    for more (prefill), panels are multiplied by a kernel that decodes them in registers too
+    (``gemm_panels``), and matrices read as stored are decoded to float32 for BLAS: kept
+    decoded when all the layers' fit in ``keep_f32_bytes``, else a tile of rows at a time.
     ``projections``: q, k, v (and gate, up) stacked, one matvec for each group.
     ``attend``: a kernel over the cache for up to ``SMALL_T`` queries; for more, the products
     on BLAS around an in-place masked softmax (when probabilities are wanted, the reference
     computes them beside it).
     ``norm``, ``rope``, ``geglu``: one pass each instead of several NumPy operations.
-    Kernels for decoded tokens run on all cores (``TINYGEMMA_THREADS`` caps them); in a
-    prefill, Numba runs on the calling thread beside BLAS's threads.
+    Kernels for decoded tokens and the prefill's products over panels run on all cores
+    (``TINYGEMMA_THREADS`` caps them); the prefill's other kernels (norms, softmax, decoding
+    tiles) run on the calling thread beside BLAS's threads.
     """
 
     def __init__(self, config, weights, tokenizer=None, quantize: str | None = None,
@@ -205,6 +212,11 @@ class FastGemma(Gemma):
         if T <= SMALL_T:
             y = np.empty((T, rows), np.float32)  # [T, out]
             self._launch(w.matvec, x, y)
+            return y
+        if w.kind not in STORED:  # panels: no float32 copy, the kernel decodes in registers
+            y = np.empty((T, rows), np.float32)  # [T, out]
+            self._launch(gemm_panels, w.q, w.scale, w.shift, w.has_shift, x,
+                         gemm_chunks(w.q.shape[0], self.threads), y)
             return y
         kept = self.packed.f32_t(name)
         if kept is not None:
