@@ -532,9 +532,11 @@ def test_bench_on_a_tiny_model():
     r = bench(model, prompt_tokens=12, new_tokens=3, repeats=2)
     assert r["prompt_tokens"] == 12 and len(r["generated"]) == 3
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_bytes"] > 0
+    assert r["prefill_cold_tok_s"] == 12 / r["prefill_cold_s"] > 0  # the first long prompt, apart
     table = format_table([result_row("tiny", r, roofline_tok_s=1e6)])
     lines = table.splitlines()
     assert lines[0].startswith("| engine") and lines[2].startswith("| tiny")
+    assert "| cold prefill tok/s | warm prefill tok/s |" in lines[0]
     assert len({len(line) for line in lines}) == 1  # aligned columns
 
 

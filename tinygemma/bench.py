@@ -1,13 +1,16 @@
 """``tinygemma bench``: prefill and decode speed of a model on this machine.
 
 * prefill: tokens per second to the first new token of a ``prompt_tokens`` prompt (one forward
-  pass over the prompt into an empty KV cache, logits of the last position only);
+  pass over the prompt into an empty KV cache, logits of the last position only), twice:
+  *cold*, the first long prompt of the process (after a short warm-up prompt, as a user's first
+  question after a greeting: whatever a model prepares on its first long prompt counts here),
+  and *warm*, the same prompt again;
 * decode: tokens per second generating ``new_tokens`` greedily after it, one
   ``model.forward([token], cache=cache, last_only=True)`` per token.
 
-Each is the median over ``repeats`` runs, after a warm-up (Numba loads its cached kernels on the
-first call). The memory-bandwidth roofline -- the decode speed if reading the weights once per
-token were the only cost -- comes from a streaming read measured in the same run. The
+Warm prefill and decode are the median over ``repeats`` runs, after a warm-up (Numba loads its
+cached kernels on the first call); cold prefill is one run, the first. The memory-bandwidth
+roofline -- the decode speed if reading the weights once per token were the only cost -- comes from a streaming read measured in the same run. The
 comparison with transformers and llama.cpp is ``benchmarks/run.py``.
 """
 
@@ -65,14 +68,18 @@ def decode_bytes(model) -> int:
 
 def bench(model, prompt_tokens: int = 500, new_tokens: int = 64, repeats: int = 3,
           ids=None) -> dict:
-    """Prefill and decode tokens/s of ``model`` (medians over ``repeats``), and peak RSS."""
+    """Prefill (cold: the first long prompt; warm: median over ``repeats``) and decode
+    tokens/s of ``model`` (median over ``repeats``), and peak RSS."""
     ids = benchmark_prompt(model, prompt_tokens) if ids is None else np.asarray(ids, np.int64)
-    # Warm-up: load (or compile) every kernel the timed runs use: a long prompt (decoded
-    # tiles + BLAS), a short one (matvec) and a decode step.
+    # Warm-up: load (or compile) every kernel the timed runs use: a prompt of a few tokens
+    # more than the matvec takes (the prefill's kernels), a short one (matvec), a decode step.
     warm = model.new_cache(len(ids) + 3)
     model.forward(ids[:min(len(ids), 24)], cache=warm, last_only=True)
     model.forward(ids[:2], cache=warm, last_only=True)
     model.forward(ids[2:3], cache=warm, last_only=True)
+    t0 = time.perf_counter()  # cold: the first long prompt
+    model.forward(ids, cache=model.new_cache(len(ids)), last_only=True)
+    cold = time.perf_counter() - t0
     prefill, decode, generated = [], [], []
     for _ in range(repeats):
         cache = model.new_cache(len(ids) + new_tokens)
@@ -91,6 +98,7 @@ def bench(model, prompt_tokens: int = 500, new_tokens: int = 64, repeats: int = 
         "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
         "prefill_s": float(np.median(prefill)), "decode_s": float(np.median(decode)),
         "prefill_tok_s": len(ids) / float(np.median(prefill)),
+        "prefill_cold_s": cold, "prefill_cold_tok_s": len(ids) / cold,
         "decode_tok_s": new_tokens / float(np.median(decode)) if new_tokens else float("nan"),
         "peak_rss_bytes": peak_rss_bytes(), "weight_bytes": weight_bytes(model),
         "decode_bytes": decode_bytes(model), "generated": generated,
@@ -143,7 +151,8 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 
 def result_row(name: str, r: dict, roofline_tok_s: float | None = None) -> dict:
-    row = {"engine": name, "prefill tok/s": r["prefill_tok_s"], "decode tok/s": r["decode_tok_s"],
+    row = {"engine": name, "cold prefill tok/s": r["prefill_cold_tok_s"],
+           "warm prefill tok/s": r["prefill_tok_s"], "decode tok/s": r["decode_tok_s"],
            "peak RSS MB": r["peak_rss_bytes"] / 1e6, "weights MB": r["weight_bytes"] / 1e6}
     if roofline_tok_s:
         row["decode % of roofline"] = 100 * r["decode_tok_s"] / roofline_tok_s
@@ -157,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                     "bandwidth roofline\n(the decode speed if reading the weights once per "
                     "token were the only cost).",
         epilog="prefill: tokens per second to the first new token of the prompt; decode: tokens "
-               "per second\ngenerating greedily after it. Each is the median of the repeats, "
-               "after a warm-up.\n\nexamples:\n  tinygemma bench\n"
+               "per second\ngenerating greedily after it. cold prefill: the first long prompt "
+               "of the process,\nafter a short warm-up prompt; prefill (warm) and decode: the "
+               "median of the repeats.\n\nexamples:\n  tinygemma bench\n"
                "  tinygemma bench --model path/to/gemma-2b --prompt-tokens 128 --threads 1\n\n"
                "The comparison with transformers and llama.cpp is benchmarks/run.py.")
     p.add_argument("--model", metavar="PATH",
