@@ -79,8 +79,8 @@ def first_key(q_pos, window: int | None):
     """The first key position a query at ``q_pos`` sees (positions: an int or an array).
 
     0 on a global layer (``window`` None); a sliding window of ``W`` holds ``W`` keys
-    including the current one, so there ``q - W + 1`` (never below 0): the first key that
-    ``causal_mask`` lets it see. The KV cache is read from here on.
+    including the current one, so there ``q - W + 1`` (never below 0). The one rule of which
+    keys a query sees: :func:`causal_mask` is built on it and the KV cache is read from here on.
     """
     if window is None:
         return np.zeros_like(q_pos)
@@ -88,15 +88,12 @@ def first_key(q_pos, window: int | None):
 
 
 def causal_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None = None) -> np.ndarray:
-    """Which keys each query may see: earlier-or-same positions, and within the window.
+    """Which keys each query may see: from its :func:`first_key` up to its own position.
 
-    A sliding window of ``W`` holds ``W`` keys including the current one:
-    ``q - W < k <= q``.
+    On a sliding-window layer that is ``q - W < k <= q``; on a global one every ``k <= q``.
     """
-    seen = k_pos[None, :] <= q_pos[:, None]  # [T, S]
-    if window is not None:
-        seen &= k_pos[None, :] > q_pos[:, None] - window  # [T, S]
-    return seen
+    q, k = np.asarray(q_pos)[:, None], np.asarray(k_pos)[None, :]  # [T, 1], [1, S]
+    return (first_key(q, window) <= k) & (k <= q)  # [T, S]
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
