@@ -45,7 +45,8 @@ def load(path: str | os.PathLike, cache_bytes: int | None = None, fast: bool = T
         cache_bytes = (64 << 20) if fast else 2 << 30  # fast: the norms, never the matrices
     if fast:
         from .kernels import FastGemma
-        return FastGemma(config, Weights(tensors, cache_bytes), tokenizer, quantize=quantize)
+        return FastGemma(config, Weights(tensors, cache_bytes), tokenizer, quantize=quantize,
+                         source=path)  # its panels: unpacked once, then mapped (panel_cache)
     return Gemma(config, Weights(tensors, cache_bytes), tokenizer)
 
 

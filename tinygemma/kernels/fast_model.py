@@ -37,6 +37,7 @@ from .quant import FORMATS, STORED
 SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, the prefill's products
 QUERY_BLOCK = 128  # prefill attention: queries per block (see FastGemma._attend_blocks)
 KEEP_F32_BYTES = 512 << 20  # prefill keeps bf16/f16/f32 layer matrices in float32 if all fit
+STACKED = (("q", "k", "v"), ("gate", "up"))  # a layer's matrices of one input: one matvec
 
 _LAUNCHING = threading.Lock()
 _local = threading.local()  # per calling thread: the Numba thread count set there
@@ -116,15 +117,18 @@ class PackedWeights:
     stays the compact weights. Panels (the GGUF types, int8) need no float32 copy: the
     prefill multiplies them as they are (``gemm_panels``).
     ``fast``: the names of the matrices a kernel reads (a type without one, Q3_K..., takes
-    the reference path).
+    the reference path). ``source``: the checkpoint's path; its panels, and the stacks of
+    ``STACKED``, then come from a file written once and memory-mapped (``panel_cache``) when
+    first used, instead of being unpacked in every process.
 
     One model may be used by several threads at once: each piece is built exactly once however
     many threads ask at the same moment (the others wait for it); later reads take no lock.
     """
 
     def __init__(self, weights, quantize: str | None = None,
-                 keep_f32_bytes: int = KEEP_F32_BYTES):
-        self.weights, self.quantize = weights, quantize
+                 keep_f32_bytes: int = KEEP_F32_BYTES, source: str | None = None):
+        self.weights, self.quantize, self.source = weights, quantize, source
+        self._mapped = source is None  # whether the panel cache was looked at
         tensors = weights.tensors
         self.fast = {n for n, t in tensors.items() if t.kind in FORMATS}
         self.matrices: dict[str, Packed] = {}
@@ -146,13 +150,37 @@ class PackedWeights:
                     value = store[key] = build()
         return value
 
+    def _map(self) -> None:
+        """Once: every panel matrix and stack from the checkpoint's panel cache file (built
+        now if missing or stale); left to be unpacked one by one if there is none."""
+        with self._building:
+            if self._mapped:
+                return
+            from ..panel_cache import load
+            layers = {n.rsplit(".", 1)[0] for n in self.weights.tensors if n.startswith("layers.")}
+            groups = [tuple(f"{p}.{m}" for m in names) for p in sorted(layers) for names in STACKED]
+            cached = load(self.weights.tensors, self.fast, self.quantize, self.source,
+                          [g for g in groups if all(n in self.fast for n in g)])
+            if cached is not None:
+                matrices, stacks = cached
+                self.matrices.update(matrices)
+                for names, stack in stacks.items():
+                    self.stacks[names] = stack, np.cumsum(
+                        [0] + [self.weights.tensors[n].shape[0] for n in names])
+            self._mapped = True
+
     def matrix(self, name: str) -> Packed:
+        if not self._mapped:
+            self._map()
         return self._once(self.matrices, name,
                           lambda: Packed(self.weights.tensors[name], self.quantize))
 
     def stack(self, names: tuple[str, ...]) -> tuple[Packed | None, np.ndarray]:
         """The matrices stacked (``Packed.stacked``) and where each part's rows end; no stack
         (None) when a part has no kernel or the parts do not fit one."""
+        if not self._mapped:
+            self._map()
+
         def build():
             stack = (Packed.stacked([self.matrix(n) for n in names])
                      if all(n in self.fast for n in names) else None)
@@ -190,12 +218,12 @@ class FastGemma(Gemma):
     """
 
     def __init__(self, config, weights, tokenizer=None, quantize: str | None = None,
-                 keep_f32_bytes: int = KEEP_F32_BYTES):
+                 keep_f32_bytes: int = KEEP_F32_BYTES, source: str | None = None):
         super().__init__(config, weights, tokenizer)
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         self.quantize = quantize
-        self.packed = PackedWeights(weights, quantize, keep_f32_bytes)
+        self.packed = PackedWeights(weights, quantize, keep_f32_bytes, source)
         self.threads = thread_count()
 
     def _launch(self, kernel, *args):

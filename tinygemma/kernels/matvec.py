@@ -164,6 +164,39 @@ def matvec_stored(w, x, y):
                 y[t, r] = s
 
 
+def unpacking(tensor, quantize: str | None = None) -> tuple[str, Unpacking | None]:
+    """The kind :class:`Packed` gives ``tensor`` (``"int8"`` when ``quantize="int8"`` applies)
+    and how it is unpacked to panels; None: read as stored."""
+    kind = getattr(tensor, "kind", "f32")
+    if quantize == "int8" and kind in STORED and tensor.shape[1] % 32 == 0:
+        return "int8", Unpacking(unpack=None, group=32, shift=False, f16_scale=False,
+                                 nibbles=False)
+    if kind in STORED:
+        return kind, None
+    if kind in UNPACKED:
+        return kind, UNPACKED[kind]
+    raise ValueError(f"no fast kernel for weights of type {kind}; load with fast=False")
+
+
+def panel_arrays(how: Unpacking, rows: int, cols: int) -> dict[str, tuple[tuple, type]]:
+    """Shapes and types of the panels of a ``[rows, cols]`` matrix (see :class:`Packed`):
+    ``q``, ``scale`` and, for weights with a shift, ``shift``."""
+    P, ng = -(-rows // PANEL), cols // how.group
+    arrays = {"q": ((P, cols // 2, PANEL), np.uint8) if how.nibbles else
+              ((P, cols, PANEL), np.int8),
+              "scale": ((P, ng, PANEL), np.int16 if how.f16_scale else np.float32)}
+    if how.shift:
+        arrays["shift"] = ((P, ng, PANEL), np.float32)
+    return arrays
+
+
+def stackable(formats: list, rows: list[int]) -> bool:
+    """Whether matrices of these ``Packed.format()`` and row counts can be one stack: all
+    panels alike, and all but the last with whole panels (rows a multiple of 16)."""
+    return (formats[0] is not None and all(f == formats[0] for f in formats)
+            and not any(r % PANEL for r in rows[:-1]))
+
+
 class Packed:
     """One weight matrix ``[rows, cols]`` in the form the kernels read.
 
@@ -176,50 +209,58 @@ class Packed:
     ``[r0, r1)`` of W in float32, bit for bit the reference path's weights.
     """
 
-    def __init__(self, tensor, quantize: str | None = None):
-        kind = getattr(tensor, "kind", "f32")
+    def __init__(self, tensor, quantize: str | None = None, out: dict | None = None):
+        """``out``: arrays ``q``, ``scale``, ``shift`` shaped as ``panel_arrays`` says (views
+        of a panel cache file being written, zeroed) to unpack into instead of new ones."""
+        kind, how = unpacking(tensor, quantize)
         self.kind, self.shape = kind, tuple(tensor.shape)
         rows, cols = self.shape
         data = stored_bytes(tensor)
-        if quantize == "int8" and kind in ("bf16", "f16", "f32") and cols % 32 == 0:
-            self.kind = "int8"
-            w, tile = data.view(STORED[kind]), np.empty((min(rows, self._step()), cols), np.float32)
+        if kind == "int8":
+            w, tile = data.view(STORED[tensor.kind]), np.empty((min(rows, self._step()), cols),
+                                                               np.float32)
 
             def fill(r0, r1, q, scale, shift):  # float32 rows, rounded to int8 per group of 32
                 decode_stored(w, r0, r1, tile[: r1 - r0])
                 quantize_int8_g32(tile[: r1 - r0], q, scale)
-            self._panels(data, fill, Unpacking(unpack=None, group=32, shift=False,
-                                               f16_scale=False, nibbles=False))
-        elif kind in STORED:
+            self._panels(data, fill, how, out)
+        elif how is None:
             self.data = data.view(STORED[kind])
-        elif kind in UNPACKED:
-            how = UNPACKED[kind]
-            self._panels(data, lambda r0, r1, q, scale, shift: how.unpack(data[r0:r1], q, scale,
-                                                                          shift), how)
         else:
-            raise ValueError(f"no fast kernel for weights of type {kind}; load with fast=False")
+            self._panels(data, lambda r0, r1, q, scale, shift: how.unpack(data[r0:r1], q, scale,
+                                                                          shift), how, out)
+
+    @classmethod
+    def of_panels(cls, kind: str, shape: tuple[int, int], q, scale, shift) -> Packed:
+        """A matrix over panels already laid out (a stack, a panel cache file); ``shift``
+        None when the weights have none."""
+        p = cls.__new__(cls)
+        p.kind, p.shape, p.has_shift = kind, tuple(shape), shift is not None
+        p.q, p.scale = q, scale
+        p.shift = shift if shift is not None else np.zeros((1, 1, 1), np.float32)
+        return p
 
     def _step(self) -> int:
         """Rows unpacked at a time: a multiple of 16, about ``TILE_ELEMS`` weights."""
         return max(PANEL, TILE_ELEMS // self.shape[1] // PANEL * PANEL)
 
-    def _panels(self, data, fill, how: Unpacking) -> None:
+    def _panels(self, data, fill, how: Unpacking, out: dict | None) -> None:
         """Panels from ``fill(r0, r1, q, scale, shift)``, which writes rows ``[r0, r1)``
         unpacked (row-major, float32 scales), a tile of rows at a time. The stored rows are
         read once: each tile's pages of a memory-mapped file then leave this process's RSS
         (the embedding lookup reads its few rows from the file again)."""
         rows, cols = self.shape
-        P, ng = -(-rows // PANEL), cols // how.group
         has_shift, f16_scale = how.shift, how.f16_scale
         self.has_shift = has_shift
-        if how.nibbles:  # zeroed: to_panels ORs the nibbles in
-            self.q = np.zeros((P, cols // 2, PANEL), np.uint8)
-        else:
-            self.q = np.empty((P, cols, PANEL), np.int8)
-        self.scale = np.empty((P, ng, PANEL), np.int16 if f16_scale else np.float32)
-        self.shift = np.empty((P, ng, PANEL) if has_shift else (1, 1, 1), np.float32)
-        for a in (self.q, self.scale, self.shift):
-            a[-1] = 0  # the last panel's rows past the matrix: weight 0
+        if out is None:
+            # zeroed for 4-bit q: to_panels ORs the nibbles in
+            out = {k: (np.zeros if how.nibbles and k == "q" else np.empty)(shape, dtype)
+                   for k, (shape, dtype) in panel_arrays(how, rows, cols).items()}
+            for a in out.values():
+                a[-1] = 0  # the last panel's rows past the matrix: weight 0
+        self.q, self.scale = out["q"], out["scale"]
+        self.shift = out["shift"] if has_shift else np.zeros((1, 1, 1), np.float32)
+        ng = cols // how.group
         step = min(rows, self._step())
         q = np.empty((step, cols), np.int8)
         scale = np.empty((step, ng), np.float32)
@@ -231,27 +272,28 @@ class Packed:
             to_panels(q[:n], s, shift[:n], has_shift, r0, self.q, self.scale, self.shift)
             release_pages(data[r0:r0 + n])
 
+    def format(self) -> tuple | None:
+        """What panels must share to be stacked (``stacked``); None if read as stored."""
+        if self.kind in STORED:
+            return None
+        return self.shape[1], self.q.dtype, self.scale.shape[1], self.scale.dtype, self.has_shift
+
     @classmethod
     def stacked(cls, parts: list[Packed]) -> Packed | None:
         """Matrices of one input (q, k, v; gate, up) stacked into one, so that a single matvec
         reads them all. Each part's arrays are rebound to views of its rows of the stack, so
         that the panels are not kept twice. None (and the parts left alone) unless all are
-        panels alike (columns, groups, value and scale types, shift) and all but the last
-        have whole panels (rows a multiple of 16)."""
+        panels alike (``format``: columns, groups, value and scale types, shift) and all but
+        the last have whole panels (rows a multiple of 16)."""
+        if not stackable([p.format() for p in parts], [p.shape[0] for p in parts]):
+            return None
         first = parts[0]
-        if any(p.kind in STORED or p.shape[1] != first.shape[1] or p.q.dtype != first.q.dtype
-               or p.scale.shape[1] != first.scale.shape[1] or p.scale.dtype != first.scale.dtype
-               or p.has_shift != first.has_shift for p in parts):
-            return None
-        if any(p.shape[0] % PANEL for p in parts[:-1]):
-            return None
-        stack = cls.__new__(cls)
-        stack.kind = "+".join(sorted({p.kind for p in parts}))
-        stack.shape = (sum(p.shape[0] for p in parts), first.shape[1])
-        stack.has_shift = first.has_shift
-        stack.q = np.concatenate([p.q for p in parts])
-        stack.scale = np.concatenate([p.scale for p in parts])
-        stack.shift = np.concatenate([p.shift for p in parts]) if first.has_shift else first.shift
+        stack = cls.of_panels("+".join(sorted({p.kind for p in parts})),
+                              (sum(p.shape[0] for p in parts), first.shape[1]),
+                              np.concatenate([p.q for p in parts]),
+                              np.concatenate([p.scale for p in parts]),
+                              np.concatenate([p.shift for p in parts]) if first.has_shift
+                              else None)
         p0 = 0
         for p in parts:  # each part: a view of its panels in the stack
             p1 = p0 + p.q.shape[0]
