@@ -77,6 +77,25 @@ class GGUFFile:
         at = self._take(n)
         return self.mm[at:at + n].decode("utf-8", errors="replace")
 
+    def _strings(self, count: int) -> list[str]:
+        """An array of ``count`` strings: ``_string`` inlined into one loop (a vocabulary's
+        262,144 pieces in ~0.1 s instead of ~0.3), with the same bounds checks."""
+        mm, pos, end, length = self.mm, self.pos, len(self.mm), struct.Struct("<Q").unpack_from
+        out = []
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                self._fail("a field of 8 bytes runs beyond the file")
+            n = length(mm, pos)[0]
+            pos += 8
+            if pos + n > end:
+                self.pos = pos
+                self._fail(f"a field of {n} bytes runs beyond the file")
+            out.append(mm[pos:pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        self.pos = pos
+        return out
+
     def _value(self, vtype: int, depth: int = 0):
         if vtype in _SCALARS:
             return self._scalar(_SCALARS[vtype])
@@ -89,6 +108,8 @@ class GGUFFile:
                 return self.buf[self._take(count * dtype.itemsize):self.pos].view(dtype).copy()
             if count * 8 > len(self.mm) - self.pos:  # each element needs 8 bytes at least
                 self._fail(f"an array of {count} elements cannot fit")
+            if itype == _STRING:
+                return self._strings(count)
             if depth >= MAX_NESTING:
                 self._fail(f"arrays nested more than {MAX_NESTING} deep")
             return [self._value(itype, depth + 1) for _ in range(count)]
