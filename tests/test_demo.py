@@ -35,8 +35,8 @@ def all_position_logits(model, ids, cols):
     return np.concatenate(sampled), np.concatenate(argmax), np.concatenate(top), logits[-1]
 
 
-def test_tokenizer_gives_transformers_ids(ref):
-    tok = tg.load_demo().tokenizer
+def test_tokenizer_gives_transformers_ids(demo, ref):
+    tok = demo.tokenizer
     for j, p in enumerate(META["prompts"]):
         assert tok.encode(p["text"]) == ref[f"ids_{j}"].tolist(), p["name"]
 
@@ -61,19 +61,18 @@ def greedy_matches(model, ref, j):
 
 
 @pytest.mark.parametrize("j", range(len(PROMPTS)), ids=PROMPTS)
-def test_greedy_continuation_token_for_token(ref, j):
-    greedy_matches(tg.load_demo(), ref, j)
+def test_greedy_continuation_token_for_token(demo, ref, j):
+    greedy_matches(demo, ref, j)
 
 
-def test_greedy_continuation_on_the_reference_path(ref):
+def test_greedy_continuation_on_the_reference_path(demo_reference, ref):
     # The reference path decodes slowly: one prompt here; test_kernels tests the fast path
     # equal to it on more.
-    greedy_matches(tg.load_demo(fast=False), ref, PROMPTS.index("france"))
+    greedy_matches(demo_reference, ref, PROMPTS.index("france"))
 
 
-def test_generate_returns_the_continuation_text():
-    model = tg.load_demo()
+def test_generate_returns_the_continuation_text(demo):
     p = META["prompts"][0]
-    text = tg.generate(model, p["text"], max_new_tokens=32, ignore_eos=True)
+    text = tg.generate(demo, p["text"], max_new_tokens=32, ignore_eos=True)
     assert text == p["continuation_text"]
-    assert "".join(tg.stream(model, p["text"], max_new_tokens=32, ignore_eos=True)) == text
+    assert "".join(tg.stream(demo, p["text"], max_new_tokens=32, ignore_eos=True)) == text

@@ -67,38 +67,31 @@ def test_tiny_windows_match_the_perplexity_guide(name):
 
 
 # ---- the demo model --------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["reference", "fast"])
-def demo(request):
-    return tg.load_demo(fast=request.param == "fast")
-
-
 @pytest.mark.parametrize("name", ["france", "prose"])
-def test_demo_loss_matches_transformers(demo, arrays, name):
-    ref = REF["demo"][name]
-    ids = demo.tokenizer.encode(ref["text"])
+def test_demo_loss_matches_transformers(model, arrays, name):
+    ref = REF["demo"][name]  # model: the demo on both paths (conftest.py)
+    ids = model.tokenizer.encode(ref["text"])
     assert ids == arrays[f"ids_{name}"].tolist()
-    assert abs(demo.loss(ids) - ref["loss"]) <= DEMO_TOL
-    assert abs(tg.perplexity(demo, ref["text"]) / np.exp(ref["loss"]) - 1) <= DEMO_TOL
+    assert abs(model.loss(ids) - ref["loss"]) <= DEMO_TOL
+    assert abs(tg.perplexity(model, ref["text"]) / np.exp(ref["loss"]) - 1) <= DEMO_TOL
 
 
-def test_demo_loss_at_every_position(arrays):
+def test_demo_loss_at_every_position(demo, arrays):
     # The per-position losses of the 500-token text against torch's cross-entropy.
-    model = tg.load_demo()
-    got = np.concatenate(list(token_nll(model, arrays["ids_prose"])))
+    got = np.concatenate(list(token_nll(demo, arrays["ids_prose"])))
     assert np.abs(got - arrays["nll_prose"]).max() <= POSITION_TOL
     assert abs(got.mean() - REF["demo"]["prose"]["loss"]) <= DEMO_TOL
 
 
-def test_demo_long_text_in_windows_matches_the_perplexity_guide():
+def test_demo_long_text_in_windows_matches_the_perplexity_guide(demo):
     ref = REF["demo"]["long"]
-    model = tg.load_demo()
-    ids = model.tokenizer.encode(ref["text"])
+    ids = demo.tokenizer.encode(ref["text"])
     s = ref["strided"]
-    windowed = np.concatenate(list(token_nll(model, ids, s["window"], s["stride"])))
+    windowed = np.concatenate(list(token_nll(demo, ids, s["window"], s["stride"])))
     assert len(windowed) == s["tokens"] == ref["n_tokens"] - 1
     assert abs(windowed.mean() - s["loss"]) <= DEMO_TOL
     # The whole text fits in the context (32768): one window, transformers' loss on all of it.
-    assert abs(np.log(tg.perplexity(model, ref["text"])) - ref["loss"]) <= DEMO_TOL
+    assert abs(np.log(tg.perplexity(demo, ref["text"])) - ref["loss"]) <= DEMO_TOL
 
 
 # ---- bad input -------------------------------------------------------------------------------

@@ -32,11 +32,6 @@ def tiny(request, folder):
 IDS = np.array([2, 17, 33, 5, 9, 121, 7, 250, 3, 64, 11])  # 11 tokens: > 8, the prefill path
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["reference", "fast"])
-def demo(request):
-    return tg.load_demo(fast=request.param)
-
-
 def demo_ids(model):
     return np.asarray(model.tokenizer.encode("The capital of France is"))
 
@@ -63,17 +58,17 @@ def test_stepping_unedited_is_forward_and_trace(tiny):
     np.testing.assert_array_equal(tape["logits"], want)
 
 
-def test_demo_stepping_is_forward_on_both_paths(demo):
+def test_demo_stepping_is_forward_on_both_paths(model):
     """On the fast path too: the stepped pass runs the kernels forward runs (the attention
     probabilities it shows come from the reference, beside them)."""
-    ids = demo_ids(demo)
-    s = demo.steps(ids)
+    ids = demo_ids(model)
+    s = model.steps(ids)
     probs = s.run_to("layers.17.attn_probs")
     assert probs.shape == (4, len(ids), len(ids))
     np.testing.assert_allclose(probs.sum(-1), 1, rtol=1e-5)
     assert np.all(np.triu(probs[0], 1) == 0)  # causal: no query sees a later key
     s.run_to("logits")
-    np.testing.assert_array_equal(s.logits, demo.forward(ids))
+    np.testing.assert_array_equal(s.logits, model.forward(ids))
 
 
 def test_run_to_and_its_errors(tiny):
@@ -168,7 +163,7 @@ def test_hooks_see_every_name_and_none_keeps_the_value(tiny):
     np.testing.assert_array_equal(logits, tiny.forward(IDS))
 
 
-def test_hooks_apply_at_every_generation_step(demo):
+def test_hooks_apply_at_every_generation_step(model):
     """A steering hook changes the text; it runs once for the prompt, then once a token."""
     calls = []
 
@@ -177,12 +172,12 @@ def test_hooks_apply_at_every_generation_step(demo):
         x = x.copy()
         x[-1] += 40 * np.sign(np.arange(x.shape[1]) % 2 - 0.5)
         return x
-    plain = tg.generate(demo, "The capital of France is", max_new_tokens=6, ignore_eos=True)
-    steered = tg.generate(demo, "The capital of France is", max_new_tokens=6, ignore_eos=True,
+    plain = tg.generate(model, "The capital of France is", max_new_tokens=6, ignore_eos=True)
+    steered = tg.generate(model, "The capital of France is", max_new_tokens=6, ignore_eos=True,
                           hooks={"layers.6.resid_mlp": steer})
     assert steered != plain
     assert calls == [6, 1, 1, 1, 1, 1]  # the 6-token prompt, then 5 decode steps (the 6th token needs none)
-    pieces = list(tg.stream(demo, "The capital of France is", max_new_tokens=6, ignore_eos=True,
+    pieces = list(tg.stream(model, "The capital of France is", max_new_tokens=6, ignore_eos=True,
                             hooks={"layers.6.resid_mlp": steer}))
     assert "".join(pieces) == steered
 
