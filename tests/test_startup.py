@@ -31,6 +31,7 @@ def cache(tmp_path, monkeypatch):
     folder = tmp_path / "panels"
     monkeypatch.setenv("TINYGEMMA_PANEL_CACHE", str(folder))
     monkeypatch.setattr(panel_cache, "MIN_BYTES", 0)
+    monkeypatch.setattr(loader, "VOCAB_MIN_PIECES", 0)
     builds = []
     build = panel_cache._build
 
@@ -262,3 +263,70 @@ def test_a_damaged_demo_file_is_still_refused(demo_package, monkeypatch):
     target.write_bytes(b"GGUF damaged")
     with pytest.raises(FileExistsError, match="unexpected sha256"):
         loader.demo_path()
+
+
+# ---- the GGUF vocabulary: the tokenizer built from it once, then read from the cache ---------
+
+@pytest.fixture
+def from_gguf(monkeypatch):
+    """Counts the tokenizers built from a GGUF vocabulary (not from the cache)."""
+    from tinygemma.tokenizer import Tokenizer
+    calls = []
+    build = Tokenizer.from_gguf.__func__
+
+    def counted(cls, source):
+        calls.append(1)
+        return build(cls, source)
+    monkeypatch.setattr(Tokenizer, "from_gguf", classmethod(counted))
+    return calls
+
+
+TEXTS = ["hello world", "  two  spaces", "<start_of_turn>user\nhi<end_of_turn>", "zzz tok300"]
+
+
+def same_tokenizer(tok, path):
+    """``tok`` encodes and decodes as the tokenizer built from the GGUF at ``path`` does."""
+    from tinygemma.tokenizer import Tokenizer
+    ref = Tokenizer.from_gguf(str(path))
+    assert tok.vocab_size == ref.vocab_size
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (ref.bos_id, ref.eos_id, ref.pad_id)
+    for text in TEXTS:
+        assert tok.encode(text) == ref.encode(text), text
+        ids = ref.encode(text)
+        assert tok.decode(ids) == ref.decode(ids)
+
+
+def test_the_vocabulary_is_read_from_the_cache(tmp_path, cache, from_gguf):
+    folder, _ = cache
+    path = write_gguf(tmp_path / "m.gguf", qtype="Q8_0", vocab_size=320)
+    first = tg.load(path).tokenizer
+    assert len(from_gguf) == 1 and len(list(folder.glob("*.vocab"))) == 1
+    second = tg.load(path).tokenizer
+    assert len(from_gguf) == 1  # from the cache
+    same_tokenizer(second, path)
+    assert second.encode(TEXTS[2]) == first.encode(TEXTS[2])
+
+
+def test_small_vocabularies_are_not_cached(tmp_path, cache, monkeypatch):
+    folder, _ = cache
+    monkeypatch.setattr(loader, "VOCAB_MIN_PIECES", 321)
+    tg.load(write_gguf(tmp_path / "m.gguf", qtype="Q8_0", vocab_size=320)).tokenizer
+    assert not list(folder.glob("*.vocab"))
+
+
+@pytest.mark.parametrize("change", ["checkpoint", "truncated", "garbage"])
+def test_a_stale_or_damaged_vocabulary_cache_is_not_read(tmp_path, cache, from_gguf, change):
+    folder, _ = cache
+    path = write_gguf(tmp_path / "m.gguf", qtype="Q8_0", vocab_size=320)
+    tg.load(path).tokenizer
+    (file,) = folder.glob("*.vocab")
+    if change == "checkpoint":
+        write_gguf(path, qtype="Q8_0", vocab_size=400)  # another vocabulary
+    elif change == "truncated":
+        file.write_bytes(file.read_bytes()[:-10])
+    else:
+        file.write_bytes(b'{"key": [1, 2]}\n\x00\x01')
+    tok = tg.load(path).tokenizer
+    assert len(from_gguf) == 2
+    same_tokenizer(tok, path)
+    assert tok.vocab_size == (400 if change == "checkpoint" else 320)

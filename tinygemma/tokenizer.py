@@ -237,6 +237,13 @@ class Tokenizer:
         return cls(proto, source="GGUF vocabulary", piece_types=types,
                    special_text=special_text, special_ids=special)
 
+    def state(self) -> dict:
+        """What rebuilds this tokenizer without its source: ``Tokenizer(**tok.state())``
+        (the loader caches a GGUF vocabulary's so)."""
+        return {"model_proto": self.model_proto, "source": self.source,
+                "piece_types": list(self._types), "special_text": dict(self._special_text),
+                "special_ids": {"bos": self._bos, "eos": self._eos, "pad": self._pad}}
+
     def _build_tables(self, types: Sequence[int], special_text: Mapping[int, str]):
         """What each id decodes to, which ids are special, and how to find specials in text."""
         if len(types) != len(self._pieces):
