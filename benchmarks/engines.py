@@ -19,10 +19,13 @@ tokenize ``--text``, one forward pass, the first token as text. Times are second
 this script's start, which leaves out the interpreter's own start-up). For tinygemma, where
 the time went, each part counted once (exclusive): ``imports`` (tinygemma, NumPy, Numba,
 gguf), ``demo file`` (finding and checking the assembled demo GGUF), ``GGUF header``
-(metadata, tensor views, config), ``vocabulary`` (the tokenizer built from the GGUF's
-pieces), ``unpacking`` (GGUF blocks to panels: ``Packed`` construction), ``Numba kernels``
-(loading cached machine code, or compiling), ``forward`` (the rest of the first forward pass)
-and ``other``. ``--mode cold``: in a new process, a 6-token warm-up prompt and one decoded
+(metadata, tensor views, config), ``vocabulary`` (the tokenizer: built from the GGUF's
+pieces, or from the loader's vocabulary cache), ``panel cache`` (mapping the unpacked panels,
+``tinygemma.panel_cache``), ``unpacking`` (GGUF blocks to panels: ``Packed`` construction,
+when there is no panel cache yet), ``Numba kernels`` (loading cached machine code, or
+compiling), ``forward`` (the rest of the first forward pass) and ``other``; the tinygemma
+process then ends as the ``tinygemma`` command does (``os._exit`` after flushing, skipping
+Python's teardown), llama-cpp-python's as any Python script. ``--mode cold``: in a new process, a 6-token warm-up prompt and one decoded
 token, then the ``--ids`` prompt into an empty cache (cold: the first long prompt, paying for
 whatever prefill builds or loads once), then the same prompt again, twice (warm, the median).
 """
@@ -113,11 +116,15 @@ def tinygemma_stages() -> Stages:
     import tinygemma.checkpoints.gguf_file
     import tinygemma.kernels.matvec
     import tinygemma.loader
+    import tinygemma.panel_cache
     import tinygemma.tokenizer
     st = Stages()
     st.wrap(tinygemma.loader, "demo_path", "demo file")
     st.wrap(tinygemma.loader, "load_gguf", "GGUF header")
     st.wrap(tinygemma.tokenizer.Tokenizer, "from_gguf", "vocabulary")
+    st.wrap(tinygemma.tokenizer.Tokenizer, "__init__", "vocabulary")
+    st.wrap(tinygemma.loader, "_cached_vocabulary", "vocabulary")
+    st.wrap(tinygemma.panel_cache, "load", "panel cache")
     st.wrap(tinygemma.kernels.matvec.Packed, "__init__", "unpacking")
     st.wrap(numba.core.dispatcher.Dispatcher, "compile", "Numba kernels")
     return st
@@ -346,6 +353,9 @@ def main(argv=None):
         run = startup_tinygemma if a.engine == "tinygemma" else startup_llama_cpp
         r = run(a.model, a.text, a.threads, a.spawned_at)
         print("RESULT " + json.dumps(r), flush=True)
+        if a.engine == "tinygemma":  # ends as the tinygemma command does (cli.run)
+            sys.stderr.flush()
+            os._exit(0)
         return 0
     if a.model is None or a.ids is None:
         p.error("--model and --ids are needed (except for --mode startup)")
