@@ -330,3 +330,24 @@ def test_a_stale_or_damaged_vocabulary_cache_is_not_read(tmp_path, cache, from_g
     assert len(from_gguf) == 2
     same_tokenizer(tok, path)
     assert tok.vocab_size == (400 if change == "checkpoint" else 320)
+
+
+# ---- the GGUF header: a long string array decoded only when read ------------------------------
+
+def test_long_string_arrays_are_decoded_when_read(tmp_path, monkeypatch):
+    import gguf
+
+    from tinygemma.checkpoints import gguf_header
+    from tinygemma.errors import CheckpointError
+    monkeypatch.setattr(gguf_header, "LAZY_STRINGS", 1)
+    path = write_gguf(tmp_path / "m.gguf", qtype="Q8_0", vocab_size=300)
+    tokens = gguf_header.read_gguf(path).metadata["tokenizer.ggml.tokens"]
+    assert isinstance(tokens, gguf_header.Strings) and tokens._items is None and len(tokens) == 300
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"]
+    want = [bytes(field.parts[i]).decode() for i in field.data]
+    assert tokens == want and list(tokens) == want and tokens[-1] == want[-1]
+    data = path.read_bytes()
+    cut = data.index(want[150].encode())  # the array ends past the file: refused at once
+    (tmp_path / "cut.gguf").write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match="truncated or not a GGUF file"):
+        gguf_header.read_gguf(tmp_path / "cut.gguf")
