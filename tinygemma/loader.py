@@ -136,8 +136,8 @@ def _gguf_tokenizer(metadata: dict, path: str | None = None):
 
 # A GGUF vocabulary becomes a SentencePiece model (Tokenizer.from_gguf): for Gemma's 262,144
 # pieces that took 0.3-0.5 s of each start. Its result is cached beside the panels, keyed as
-# they are (the file's identity, the tokenizer's code): a JSON line (piece types, special ids
-# and texts, lengths), then the serialized ModelProto. No pickles.
+# they are (the file's identity, the tokenizer's code): a JSON line (special ids and texts,
+# lengths), the serialized ModelProto, then one byte per piece, its type. No pickles.
 VOCAB_SUFFIX = ".vocab"
 VOCAB_MIN_PIECES = 1 << 15  # smaller vocabularies build in a blink: not worth a file
 
@@ -166,11 +166,12 @@ def _cached_vocabulary(path: str) -> dict | None:
     try:
         with open(where[0], "rb") as f:
             head = json.loads(f.readline())
-            proto = f.read()
-        if head.get("key") != where[1] or len(proto) != head["proto_bytes"]:
+            body = f.read()
+        n = head["proto_bytes"]
+        if head.get("key") != where[1] or len(body) != n + head["pieces"]:
             return None
-        return {"model_proto": proto, "source": head["source"],
-                "piece_types": head["piece_types"],
+        return {"model_proto": body[:n], "source": head["source"],
+                "piece_types": body[n:],
                 "special_text": {int(i): t for i, t in head["special_text"].items()},
                 "special_ids": head["special_ids"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -184,12 +185,14 @@ def _cache_vocabulary(path: str, state: dict) -> None:
     if where is None:
         return
     head = {"key": where[1], "proto_bytes": len(state["model_proto"]),
-            **{k: v for k, v in state.items() if k != "model_proto"}}
+            "pieces": len(state["piece_types"]), "source": state["source"],
+            "special_text": state["special_text"], "special_ids": state["special_ids"]}
     try:
         os.makedirs(os.path.dirname(where[0]), mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(where[0]), prefix=".building-")
         with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(head).encode() + b"\n" + state["model_proto"])
+            f.write(json.dumps(head).encode() + b"\n" + state["model_proto"]
+                    + bytes(state["piece_types"]))
         os.replace(tmp, where[0])
     except OSError:
         pass
