@@ -110,7 +110,8 @@ def run_startup(engine, python, model, text, threads, timeout):
     spawned = time.time()
     try:
         p = subprocess.run(cmd + (["--spawned-at", repr(spawned)] if engine != "tinygemma generate"
-                                  else []), capture_output=True, text=True, timeout=timeout)
+                                  else []), capture_output=True, text=True, timeout=timeout,
+                           cwd=os.path.dirname(HERE))  # python -m: this tree's tinygemma
     except subprocess.TimeoutExpired:
         return {"skipped": f"timed out after {timeout} s"}
     exit_s = time.time() - spawned
