@@ -249,7 +249,7 @@ class Tokenizer:
         if len(types) != len(self._pieces):
             raise ValueError(f"{len(types)} piece types for {len(self._pieces)} pieces")
         self._types = bytes(types)  # one byte per id: SentencePiece's piece type
-        special = [i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)]
+        special = _ids_of_types(self._types, CONTROL, UNKNOWN)
         self._special_text = {i: special_text.get(i, self._pieces[i]) for i in special}
         self._special_ids = frozenset(special)
         self._bytes = _Memo(lambda i: self._decoded_bytes(i, self._types[i]))  # per id, when
@@ -455,6 +455,12 @@ class Tokenizer:
                 for i in self.encode(part, add_bos=False, parse_special=control)]
 
 
+def _ids_of_types(types: bytes, *kinds: int) -> list[int]:
+    """The ids whose type (one byte per id) is one of ``kinds``, in order: a regular
+    expression scans the 262K bytes in C, where a Python loop took ~30 ms at every start."""
+    return [m.start() for m in re.finditer(b"[" + re.escape(bytes(kinds)) + b"]", types)]
+
+
 class _Memo(dict):
     """``memo[i]`` is ``make(i)``, computed when first asked for."""
 
@@ -566,11 +572,11 @@ class _SpaceRuns:
 
     def __init__(self, pieces: Sequence[str], types: Sequence[int]):
         # The runs are user-defined pieces (a few hundred ids); their spelling gives the length.
-        self.ids = {len(pieces[i]): i for i, t in enumerate(types)
-                    if t == USER_DEFINED and len(pieces[i]) > 1 and set(pieces[i]) == {SPACE}}
+        self.ids = {len(pieces[i]): i for i in _ids_of_types(bytes(types), USER_DEFINED)
+                    if len(pieces[i]) > 1 and set(pieces[i]) == {SPACE}}
         # A lone space left over would merge with the next character in transformers; with
         # Gemma's pieces (every run from 2 to 31) a long run never leaves one.
-        self.ids[1] = next((i for i, p in enumerate(pieces) if p == SPACE), None)
+        self.ids[1] = pieces.index(SPACE) if SPACE in pieces else None
         shortest = max(self.ids) + 1  # the shortest run that needs cutting
         self.active = shortest > 2 and self.ids[1] is not None
         self.needle = " " * shortest
