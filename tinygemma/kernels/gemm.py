@@ -12,9 +12,10 @@ one core against OpenBLAS on the decoded float32 matrix: docs/performance.md.
 
 Parallel over chunks of panels; each thread takes its chunk's panels for one block of 16
 tokens at a time, so that the block's ``x`` and the chunk's panels stay in its L2 cache.
-The block's rows of ``x`` are first copied to a buffer whose rows are 16 floats longer: rows
-of 1024 or 2048 float32 are 4 or 8 KB apart, so 16 of them would fall in the same set of the
-L1 cache and evict each other at every column.
+The 16 ``x`` values of a column are read from the rows of ``x`` where they are, each load a
+broadcast: copying the block first (as ``[column, token]``, or as rows padded against L1
+cache-set conflicts) measured slower on one core on the demo's Q5_0 matrices (70-85 against
+115-180 GFLOP/s) and no faster on the others.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ CHUNK = 8  # panels per chunk, about: a chunk's panels and a block's x fit in a 
 
 
 @njit(inline="always", fastmath=FAST)
-def _panel_block(qp, sp, hp, has_shift, xr, p, G, lo, hi, s):
+def _panel_block(qp, sp, hp, has_shift, x, i, p, G, lo, hi, s):
     """``lo[16 t + l]`` (tokens 0-7) and ``hi[...]`` (8-15) = row ``16 p + l`` of W times
-    ``xr[t]``. ``G`` is a constant at each call, so the lane loops vectorise fully."""
+    ``x[i[t]]``. ``G`` is a constant at each call, so the lane loops vectorise fully."""
     nb = sp.shape[1]
     lo[:] = 0
     hi[:] = 0
@@ -43,10 +44,10 @@ def _panel_block(qp, sp, hp, has_shift, xr, p, G, lo, hi, s):
             s[PANEL + lane] = hp[p, b, lane] if has_shift else f32(0)
         for j in range(G):
             c, col = start + step * j, G * b + j  # where column col is stored
-            x0, x1, x2, x3 = xr[0, col], xr[1, col], xr[2, col], xr[3, col]
-            x4, x5, x6, x7 = xr[4, col], xr[5, col], xr[6, col], xr[7, col]
-            x8, x9, x10, x11 = xr[8, col], xr[9, col], xr[10, col], xr[11, col]
-            x12, x13, x14, x15 = xr[12, col], xr[13, col], xr[14, col], xr[15, col]
+            x0, x1, x2, x3 = x[i[0], col], x[i[1], col], x[i[2], col], x[i[3], col]
+            x4, x5, x6, x7 = x[i[4], col], x[i[5], col], x[i[6], col], x[i[7], col]
+            x8, x9, x10, x11 = x[i[8], col], x[i[9], col], x[i[10], col], x[i[11], col]
+            x12, x13, x14, x15 = x[i[12], col], x[i[13], col], x[i[14], col], x[i[15], col]
             for lane in range(PANEL):
                 w = s[lane] * _q_at(qp, p, c, lane) - s[PANEL + lane]  # 16 rows' weights
                 lo[lane] += w * x0
@@ -75,15 +76,15 @@ def gemm_panels(qp, sp, hp, has_shift, x, chunks, y):
     G = n // sp.shape[1]
     for ch in prange(chunks):
         lo, hi, s = _lanes(), _lanes(), _lanes()
-        xr = np.empty((TOKENS, n + 16), np.float32)  # this thread's block of x (rows padded)
+        i = np.empty(TOKENS, np.int64)  # the block's rows of x
         for t0 in range(0, T, TOKENS):
             for t in range(TOKENS):  # past the last token: the last again, its sums dropped
-                xr[t, :n] = x[min(t0 + t, T - 1)]
+                i[t] = min(t0 + t, T - 1)
             for p in range(ch * P // chunks, (ch + 1) * P // chunks):
                 if G == 32:
-                    _panel_block(qp, sp, hp, has_shift, xr, p, 32, lo, hi, s)
+                    _panel_block(qp, sp, hp, has_shift, x, i, p, 32, lo, hi, s)
                 else:
-                    _panel_block(qp, sp, hp, has_shift, xr, p, 16, lo, hi, s)
+                    _panel_block(qp, sp, hp, has_shift, x, i, p, 16, lo, hi, s)
                 for t in range(min(TOKENS, T - t0)):
                     for lane in range(min(PANEL, R - PANEL * p)):  # the last panel: padding
                         y[t0 + t, PANEL * p + lane] = (lo[16 * t + lane] if t < 8
