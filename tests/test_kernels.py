@@ -174,11 +174,11 @@ def test_gemm_chunks_share_the_panels_evenly():
     assert gemm.gemm_chunks(128, 2) == 16
 
 
-@pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_K, Q.Q6_K, "bf16"], ids=kind_id)
+@pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_K, Q.Q6_K, "bf16", "f16", "f32"], ids=kind_id)
 @pytest.mark.parametrize("T", [1, K.SMALL_T + 1, 40])
 def test_fast_linear_every_T(kind, T, monkeypatch):
     """FastGemma.linear: matvec for few tokens; for many, the panels' product (GGUF) or decoded
-    tiles + BLAS (bf16, several tiles)."""
+    tiles + BLAS (bf16, f16, f32: several tiles)."""
     rng = np.random.default_rng(T)
     t = make_tensor(kind, 300, 512, rng)
     model = K.FastGemma(gemma_config(), Weights({"w": t}))
