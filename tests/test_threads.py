@@ -35,7 +35,7 @@ def model():
 
 def run(m, ids):
     # a prefill (more than 8 tokens: BLAS on decoded matrices), then greedy decode steps
-    cache = m.new_cache(len(ids) + 6)
+    cache = m.new_cache(len(ids) + 6, {kv_dtype!r})
     logits = [m.forward(ids, cache=cache)]
     for _ in range(6):
         token = int(np.argmax(logits[-1][-1]))
@@ -71,7 +71,7 @@ def run_script(tmp_path, layer=None, **kw):
     if layer:
         env["NUMBA_THREADING_LAYER"] = layer
     args = dict(tests=str(TESTS), folder=str(tmp_path / "ckpt"), demo=False, keep_f32_bytes=0,
-                threads=4)
+                threads=4, kv_dtype=None)
     args.update(kw)
     code = textwrap.dedent(SCRIPT).format(**args)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -94,3 +94,10 @@ def test_threads_share_the_fresh_demo_model(tmp_path):
     """The demo: Q4_K/Q6_K panels unpacked and float32 copies built by the first prompts,
     which two threads run at once."""
     run_script(tmp_path, demo=True, threads=2, keep_f32_bytes=None)
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_threads_share_a_model_with_compact_caches(tmp_path, kv_dtype):
+    """Each thread's own compact cache, read by the attention kernels of both paths (prefill
+    decodes it for BLAS, decode reads the stored bits) while the other thread's runs."""
+    run_script(tmp_path, kv_dtype=kv_dtype, threads=3)

@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="threads for the kernels, as TINYGEMMA_THREADS=N (default: every core "
                         "this process may use)")
+    p.add_argument("--kv-dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   default=None, help="how the KV cache stores keys and values (default: "
+                                      "float32 while it fits comfortably, else bfloat16)")
     p.add_argument("--reference", action="store_true",
                    help="also time the pure NumPy reference path (slow)")
     p.add_argument("--no-roofline", action="store_true",
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     from .loader import load, load_demo
 
     def open_model(fast):
-        return load(a.model, fast=fast) if a.model else load_demo(fast=fast)
+        kw = {"fast": fast, "kv_dtype": a.kv_dtype}
+        return load(a.model, **kw) if a.model else load_demo(**kw)
 
     t0 = time.perf_counter()
     model = open_model(True)

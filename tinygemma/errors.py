@@ -11,3 +11,7 @@ class CheckpointError(TinyGemmaError, ValueError):
 
 class CheckpointNotFound(TinyGemmaError, FileNotFoundError):
     """A path that should hold a checkpoint or one of its files does not exist."""
+
+
+class NotEnoughMemory(TinyGemmaError, MemoryError):
+    """The weights plus the KV cache asked for would not fit in the machine's memory."""

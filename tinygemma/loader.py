@@ -8,11 +8,12 @@ import os
 from .checkpoints import Weights, load_gguf, load_hf
 from .checkpoints.hf import PICKLE_SUFFIXES
 from .errors import CheckpointError, CheckpointNotFound
+from .kv_cache import AUTO, check_kv_dtype
 from .model import Gemma
 
 
 def load(path: str | os.PathLike, cache_bytes: int | None = None, fast: bool = True,
-         quantize: str | None = None) -> Gemma:
+         quantize: str | None = None, kv_dtype: str | None = None) -> Gemma:
     """A Gemma model from a Hugging Face checkpoint folder or a ``.gguf`` file.
 
     Weights stay memory-mapped and compact. ``fast`` (the default) gives the Numba path
@@ -25,7 +26,13 @@ def load(path: str | os.PathLike, cache_bytes: int | None = None, fast: bool = T
     ``quantize="int8"`` (fast path only) quantises bf16/f16/f32 matrices to int8 per group of
     32 weights when first used: about half the bytes of bf16 to read per token, at a small cost
     in accuracy (docs/performance.md).
+    ``kv_dtype``: how KV caches store keys and values (``model.new_cache`` may override it per
+    cache): "float32" (exact; the reference path's default), "bfloat16" or "float16" (half the
+    bytes), or "auto" (the fast path's default: float32 while the weights plus a float32 cache
+    take at most 80% of the available memory, else bfloat16; docs/numerics.md).
     """
+    if kv_dtype is not None:
+        check_kv_dtype(kv_dtype)
     if quantize is not None and not fast:
         raise ValueError("quantize applies to the fast path: use fast=True")
     path = os.fspath(path)
@@ -47,8 +54,9 @@ def load(path: str | os.PathLike, cache_bytes: int | None = None, fast: bool = T
     if fast:
         from .kernels import FastGemma
         return FastGemma(config, Weights(tensors, cache_bytes), tokenizer, quantize=quantize,
-                         source=path)  # its panels: unpacked once, then mapped (panel_cache)
-    return Gemma(config, Weights(tensors, cache_bytes), tokenizer)
+                         source=path,  # its panels: unpacked once, then mapped (panel_cache)
+                         kv_dtype=kv_dtype or AUTO)
+    return Gemma(config, Weights(tensors, cache_bytes), tokenizer, kv_dtype or "float32")
 
 
 def load_demo(**kwargs) -> Gemma:

@@ -28,30 +28,18 @@ from . import layers as L
 from .checkpoints.weights import Weights
 from .config import GemmaConfig
 from .evaluate import token_nll
+from .kv_cache import KVCache, check_fits, check_kv_dtype, resolve
 from .trace import (NOBODY, Chain, Hooks, Stepper, Tape, ambient_hooks, pop_hooks, push_hooks,
                     step_names)
-
-
-class KVCache:
-    """Keys and values of the positions seen so far, per layer ``[K, max_len, d]``, float32.
-
-    Preallocated for the prompt plus the tokens to generate; ``pos`` counts positions filled.
-    Sliding-window layers keep every position but read only the last W.
-    """
-
-    def __init__(self, config: GemmaConfig, max_len: int):
-        shape = (config.num_kv_heads, max_len, config.head_dim)
-        self.k = [np.zeros(shape, np.float32) for _ in range(config.num_layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(config.num_layers)]
-        self.max_len = max_len
-        self.pos = 0
 
 
 class Gemma:
     """A Gemma 1, 2 or 3 language model over float32 activations."""
 
-    def __init__(self, config: GemmaConfig, weights: Weights, tokenizer=None):
+    def __init__(self, config: GemmaConfig, weights: Weights, tokenizer=None,
+                 kv_dtype: str = "float32"):
         self.config = config
+        self.kv_dtype = check_kv_dtype(kv_dtype)  # of new caches (kv_cache.KV_DTYPES, "auto")
         self.weights = weights
         self._tokenizer = tokenizer  # a Tokenizer, or a function that loads one when first used
         self._loading = threading.Lock()  # threads sharing the model build the tokenizer once
@@ -125,8 +113,15 @@ class Gemma:
         ids = self.check_ids(ids, None)
         return float(np.concatenate(list(token_nll(self, ids))).mean())
 
-    def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(self.config, max_len)
+    def new_cache(self, max_len: int, dtype: str | None = None) -> KVCache:
+        """An empty cache for ``max_len`` positions, in ``dtype`` (default the model's
+        ``kv_dtype``; "auto": float32 while it fits comfortably, else bfloat16). Refused
+        (:class:`tinygemma.errors.NotEnoughMemory`) if with the weights it cannot fit in the
+        memory available."""
+        dtype = check_kv_dtype(self.kv_dtype if dtype is None else dtype)
+        dtype = resolve(self.config, max_len, dtype, self.weights.nbytes)
+        check_fits(self.config, max_len, dtype, self.weights.nbytes)
+        return KVCache(self.config, max_len, dtype)
 
     def check_ids(self, ids, cache: KVCache | None) -> np.ndarray:
         """Token ids as a 1-D int64 array, checked against the vocabulary and the context."""
@@ -217,11 +212,11 @@ class Gemma:
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)  # [H, T, d], [K, T, d]
         q, k, v = at(p + "q", q), at(p + "k", k), at(p + "v", v)
         start, end = positions[0], positions[-1] + 1
-        cache.k[i][:, start:end], cache.v[i][:, start:end] = k, v  # [K, T, d] into [K, S, d]
+        cache.write(i, start, k, v)  # [K, T, d] into [K, S, d], rounded to the cache's dtype
         out, probs = self.attend(q, cache, i, positions, at.wants(p + "attn_probs"))  # [H, T, d]
         edited = at(p + "attn_probs", probs)  # [H, T, S]
         if edited is not probs:  # the heads average the values with the edited pattern
-            out = L.weigh_values(edited, cache.v[i][:, end - edited.shape[-1]:end])  # [H, T, d]
+            out = L.weigh_values(edited, cache.read(i, end - edited.shape[-1], end)[1])  # [H, T, d]
         out = at(p + "attn_heads", out)  # [H, T, d]
         return self.linear(out.transpose(1, 0, 2).reshape(T, H * d), p + "o")  # [T, H*d] -> [T, D]
 
@@ -259,5 +254,5 @@ class Gemma:
         first = int(L.first_key(positions[0], window))  # the oldest key any new query sees
         keys = np.arange(first, positions[-1] + 1)  # [S]
         mask = L.causal_mask(positions, keys, window)  # [T, S]
-        k, v = cache.k[i][:, first:keys[-1] + 1], cache.v[i][:, first:keys[-1] + 1]  # [K, S, d]
+        k, v = cache.read(i, first, keys[-1] + 1)  # [K, S, d] in float32
         return L.attention(q, k, v, mask, c.attn_scale, c.attn_logit_softcap)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._llvm import FAST, JIT, _exp, f32
+from ._llvm import FAST, JIT, _as_f32, _exp, f32
 
 KEYS_PER_PART = 64  # decode attention: split a KV head's keys over threads from 2 x this many
 
@@ -58,7 +58,9 @@ def _exp_span(x, lo, hi, scale, cap):
 def attend_cache(q, k, v, pos0, first, window, scale, cap, threads, out):
     """``softmax(q k^T * scale) v`` for queries at positions ``pos0 + t`` over cached keys.
 
-    q ``[H, T, d]``; k, v ``[K, S, d]`` (the whole cache of one layer); out ``[H, T, d]``.
+    q ``[H, T, d]``; k, v ``[K, S, d]`` (the whole cache of one layer, float32 or compact:
+    bfloat16 bits as uint16, float16 bits as int16, decoded in registers by ``_as_f32``, as
+    the matvec kernels decode weights); out ``[H, T, d]``.
     Query ``t`` sees keys ``first <= s <= pos0 + t`` and, with a ``window`` > 0, only
     ``s > pos0 + t - window``. ``cap`` > 0 soft-caps the scores (Gemma 2). The ``G * T``
     queries of a KV head's group are handled together: each key and value row is read once for
@@ -85,7 +87,7 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, threads, out):
             for i in range(n):
                 acc = f32(0)
                 for j in range(d):
-                    acc += q[kh * G + i // T, i % T, j] * key[j]
+                    acc += q[kh * G + i // T, i % T, j] * _as_f32(key[j])
                 e[i, s - s0] = acc
         for i in range(n):
             p = pos0 + i % T
@@ -102,7 +104,7 @@ def attend_cache(q, k, v, pos0, first, window, scale, cap, threads, out):
                 w = e[i, s - s0]
                 if w != 0:
                     for j in range(d):
-                        o[i, j] += w * val[j]
+                        o[i, j] += w * _as_f32(val[j])
     for kh in range(K):
         for i in range(n):
             _merge_ranges(maxes[kh * P:(kh + 1) * P, i], sums[kh * P:(kh + 1) * P, i],

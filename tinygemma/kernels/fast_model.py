@@ -27,6 +27,7 @@ import numpy as np
 from numba import config as numba_config, set_num_threads
 
 from .. import layers as L
+from ..kv_cache import decode
 from ..model import Gemma, KVCache
 from ._llvm import f32
 from .attention import attend_cache, geglu_rows, masked_softmax, rms_norm_rows, rope_rows
@@ -218,8 +219,9 @@ class FastGemma(Gemma):
     """
 
     def __init__(self, config, weights, tokenizer=None, quantize: str | None = None,
-                 keep_f32_bytes: int = KEEP_F32_BYTES, source: str | None = None):
-        super().__init__(config, weights, tokenizer)
+                 keep_f32_bytes: int = KEEP_F32_BYTES, source: str | None = None,
+                 kv_dtype: str = "auto"):
+        super().__init__(config, weights, tokenizer, kv_dtype)
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         self.quantize = quantize
@@ -300,27 +302,32 @@ class FastGemma(Gemma):
         Queries ``[t0, t1)`` see keys up to position ``pos0 + t1 - 1`` and, on local layers,
         none before ``pos0 + t0 - window + 1``: each block multiplies only by those keys
         (about half of a causal square for 500 tokens, a band for long prompts on local
-        layers) and ``masked_softmax`` zeroes the rest of its rows.
+        layers) and ``masked_softmax`` zeroes the rest of its rows. A compact cache's keys
+        and values are decoded to float32 for BLAS once per KV head, those of all the blocks
+        (a float32 cache is read as it is).
         """
         c = self.config
         H, T, d = q.shape
         K = c.num_kv_heads
         G = H // K
         scale, cap = float(c.attn_scale), float(c.attn_logit_softcap or 0.0)
-        for t0 in range(0, T, QUERY_BLOCK):
-            t1 = min(T, t0 + QUERY_BLOCK)
-            lo = int(L.first_key(pos0 + t0, window))  # the first key of the block's queries
-            hi = pos0 + t1  # keys [lo, hi)
-            for kh in range(K):
+        first = int(L.first_key(pos0, window))  # the first key any query sees
+        for kh in range(K):
+            k_h, v_h = decode(k[kh, first:pos0 + T]), decode(v[kh, first:pos0 + T])  # [S, d]
+            for t0 in range(0, T, QUERY_BLOCK):
+                t1 = min(T, t0 + QUERY_BLOCK)
+                lo = int(L.first_key(pos0 + t0, window))  # the first key of the block's queries
+                hi = pos0 + t1  # keys [lo, hi)
                 qg = q[kh * G:(kh + 1) * G, t0:t1].reshape(G * (t1 - t0), d)  # [G*B, d]
-                scores = qg @ k[kh, lo:hi].T  # [G*B, S_b]
+                scores = qg @ k_h[lo - first:hi - first].T  # [G*B, S_b]
                 masked_softmax(scores, t1 - t0, pos0 + t0, lo, window or 0, scale, cap)
-                pv = scores @ v[kh, lo:hi]  # [G*B, d]
+                pv = scores @ v_h[lo - first:hi - first]  # [G*B, d]
                 out[kh * G:(kh + 1) * G, t0:t1] = pv.reshape(G, t1 - t0, d)
 
     def attend(self, q, cache: KVCache, i: int, positions, want_probs: bool):
         """The kernels' output always, so that a traced or stepped pass computes what
-        ``forward`` does; the probabilities, when wanted, from the reference."""
+        ``forward`` does; the probabilities, when wanted, from the reference. The cache is
+        read as stored (bfloat16 or float16 decoded in registers, float32 sums)."""
         T = q.shape[1]
         probs = super().attend(q, cache, i, positions, True)[1] if want_probs else None
         c = self.config
@@ -331,7 +338,15 @@ class FastGemma(Gemma):
         if T > SMALL_T:
             self._attend_blocks(q, cache.k[i], cache.v[i], pos0, window, out)
             return out, probs
-        self._launch(attend_cache, np.ascontiguousarray(q, dtype=np.float32), cache.k[i],
-                     cache.v[i], pos0, first, window or 0, float(c.attn_scale),
-                     float(c.attn_logit_softcap or 0.0), self.threads, out)
+        self._launch(attend_cache, np.ascontiguousarray(q, dtype=np.float32),
+                     kernel_view(cache.k[i]), kernel_view(cache.v[i]), pos0, first,
+                     window or 0, float(c.attn_scale), float(c.attn_logit_softcap or 0.0),
+                     self.threads, out)
         return out, probs
+
+
+def kernel_view(stored: np.ndarray) -> np.ndarray:
+    """A cache array as the kernels read it: float16 as its bits, int16 (Numba has no
+    float16; ``_llvm._as_f32`` decodes by the integer type); bfloat16 (uint16) and float32 as
+    they are."""
+    return stored.view(np.int16) if stored.dtype == np.float16 else stored
