@@ -1,10 +1,13 @@
-"""Write a Gemma-2B-shaped bf16 checkpoint with random weights (about 5.0 GB), for benchmarks.
+"""Write a Gemma-2B- or 7B-shaped bf16 checkpoint with random weights, for benchmarks.
 
     /work/venv/bin/python benchmarks/make_2b_checkpoint.py [FOLDER]   # default /tmp/gemma-2b-shaped
+    /work/venv/bin/python benchmarks/make_2b_checkpoint.py --shape 7b [FOLDER]  # /tmp/gemma-7b-shaped
 
 The layout is a Hugging Face folder as Google publishes it: ``config.json`` (Gemma 1 2B:
 hidden 2048, 18 layers, 8 query heads, 1 KV head of 256, MLP 16384, vocabulary 256000, tied
-embedding) and ``model-0000N-of-0000M.safetensors`` shards with ``model.safetensors.index.json``.
+embedding, 5.0 GB; Gemma 1 7B: hidden 3072, 28 layers, 16 query heads and 16 KV heads of 256,
+MLP 24576, 17.1 GB) and ``model-0000N-of-0000M.safetensors`` shards with
+``model.safetensors.index.json``.
 Decoding speed does not depend on the weight values, so they are random bf16 numbers of a sane
 scale (repeated from a pool of a few million, to write 5 GB quickly). The safetensors files are
 written here (8-byte header length, JSON header, raw bytes), streamed from the pool: the
@@ -14,6 +17,7 @@ uint16 here). Tensor names and shapes come from tinygemma (``checkpoints.hf.hf_s
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import struct
@@ -33,6 +37,9 @@ CONFIG = {
     "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
     "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
 }
+SHAPES = {"2b": CONFIG, "7b": {**CONFIG, "hidden_size": 3072, "intermediate_size": 24576,
+                               "num_hidden_layers": 28, "num_attention_heads": 16,
+                               "num_key_value_heads": 16}}
 SHARD_BYTES = 2 << 30
 
 
@@ -66,12 +73,16 @@ def write_shard(path: str, tensors: list[tuple[str, tuple[int, ...]]], pool: np.
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    folder = argv[0] if argv else "/tmp/gemma-2b-shaped"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="2b")
+    p.add_argument("folder", nargs="?", default=None,
+                   help="where to write it (default /tmp/gemma-<shape>-shaped)")
+    a = p.parse_args(argv)
+    folder, config = a.folder or f"/tmp/gemma-{a.shape}-shaped", SHAPES[a.shape]
     os.makedirs(folder, exist_ok=True)
     pool = bf16_pool(1 << 24)
     shards, current, size = [], [], 0
-    for name, shape in hf_shapes(GemmaConfig.from_dict(CONFIG)).items():
+    for name, shape in hf_shapes(GemmaConfig.from_dict(config)).items():
         nbytes = int(np.prod(shape)) * 2
         if current and size + nbytes > SHARD_BYTES:
             shards.append(current)
@@ -90,8 +101,9 @@ def main(argv=None) -> int:
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(CONFIG, f, indent=1)
-    print(f"{folder}: Gemma-2B-shaped bf16 checkpoint, {total / 1e9:.2f} GB of weights")
+        json.dump(config, f, indent=1)
+    print(f"{folder}: Gemma-{a.shape.upper()}-shaped bf16 checkpoint, {total / 1e9:.2f} GB of "
+          "weights")
     return 0
 
 
