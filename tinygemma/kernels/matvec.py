@@ -122,30 +122,39 @@ def _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, G, acc):
         b += 1
 
 
-@njit(parallel=True, fastmath=FAST, **JIT)
+def _matvec_panels(G: int):
+    """The matvec over panels for groups of ``G`` columns: ``G`` a constant of each kernel, so
+    each compiles one loop nest (a kernel branching on the group size compiled both, twice
+    the first run's compile time)."""
+    @njit(parallel=True, fastmath=FAST, **JIT)
+    def matvec(qp, sp, hp, has_shift, x, y):
+        P, T, R = qp.shape[0], x.shape[0], y.shape[1]
+        nb = sp.shape[1]
+        xs = np.empty((T, nb), np.float32)  # x summed per group, for the shifts (np.zeros
+        if has_shift:                       # would be one more parallel region: a thread launch)
+            for t in range(T):
+                for b in range(nb):
+                    total = f32(0)
+                    for j in range(G * b, G * b + G):
+                        total += x[t, j]
+                    xs[t, b] = total
+        for p in prange(P):
+            acc = _lanes()
+            for t in range(T):
+                _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, G, acc)
+                for lane in range(min(PANEL, R - PANEL * p)):  # the last panel: part padding
+                    y[t, PANEL * p + lane] = acc[64 + lane]
+    return matvec
+
+
+matvec_panels_g32, matvec_panels_g16 = _matvec_panels(32), _matvec_panels(16)
+
+
 def matvec_panels(qp, sp, hp, has_shift, x, y):
     """``y[t] = W x[t]`` for W in panels (``w = scale * q - shift``, groups of 32 or 16);
     parallel over panels, float32 sums."""
-    P, n = qp.shape[0], x.shape[1]
-    nb, T, R = sp.shape[1], x.shape[0], y.shape[1]
-    G = n // nb
-    xs = np.empty((T, nb), np.float32)  # x summed per group, for the shifts (np.zeros would
-    if has_shift:                       # be one more parallel region: a thread launch)
-        for t in range(T):
-            for b in range(nb):
-                total = f32(0)
-                for j in range(G * b, G * b + G):
-                    total += x[t, j]
-                xs[t, b] = total
-    for p in prange(P):
-        acc = _lanes()
-        for t in range(T):
-            if G == 32:
-                _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, 32, acc)
-            else:
-                _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, 16, acc)
-            for lane in range(min(PANEL, R - PANEL * p)):  # the last panel may be part padding
-                y[t, PANEL * p + lane] = acc[64 + lane]
+    G = x.shape[1] // sp.shape[1]
+    (matvec_panels_g32 if G == 32 else matvec_panels_g16)(qp, sp, hp, has_shift, x, y)
 
 
 # ---- matvec over 16- and 32-bit floats, read as stored (memory-mapped) -------------------------
