@@ -68,27 +68,36 @@ def _panel_block(qp, sp, hp, has_shift, x, i, p, G, lo, hi, s):
                 hi[112 + lane] += w * x15
 
 
-@njit(parallel=True, fastmath=FAST, **JIT)
+def _gemm_panels(G: int):
+    """The product over panels for groups of ``G`` columns: ``G`` a constant of each kernel, so
+    each compiles one loop nest (as ``matvec._matvec_panels``: half the first run's compile
+    time of a kernel branching on the group size)."""
+    @njit(parallel=True, fastmath=FAST, **JIT)
+    def gemm(qp, sp, hp, has_shift, x, chunks, y):
+        P, T, R = qp.shape[0], x.shape[0], y.shape[1]
+        for ch in prange(chunks):
+            lo, hi, s = _lanes(), _lanes(), _lanes()
+            i = np.empty(TOKENS, np.int64)  # the block's rows of x
+            for t0 in range(0, T, TOKENS):
+                for t in range(TOKENS):  # past the last token: the last again, its sums dropped
+                    i[t] = min(t0 + t, T - 1)
+                for p in range(ch * P // chunks, (ch + 1) * P // chunks):
+                    _panel_block(qp, sp, hp, has_shift, x, i, p, G, lo, hi, s)
+                    for t in range(min(TOKENS, T - t0)):
+                        for lane in range(min(PANEL, R - PANEL * p)):  # the last panel: padding
+                            y[t0 + t, PANEL * p + lane] = (lo[16 * t + lane] if t < 8
+                                                           else hi[16 * (t - 8) + lane])
+    return gemm
+
+
+gemm_panels_g32, gemm_panels_g16 = _gemm_panels(32), _gemm_panels(16)
+
+
 def gemm_panels(qp, sp, hp, has_shift, x, chunks, y):
     """``y[T, rows] = x[T, cols] W^T`` for W in panels (``w = scale * q - shift``), float32
     sums; parallel over ``chunks`` chunks of panels."""
-    P, (T, n), R = qp.shape[0], x.shape, y.shape[1]
-    G = n // sp.shape[1]
-    for ch in prange(chunks):
-        lo, hi, s = _lanes(), _lanes(), _lanes()
-        i = np.empty(TOKENS, np.int64)  # the block's rows of x
-        for t0 in range(0, T, TOKENS):
-            for t in range(TOKENS):  # past the last token: the last again, its sums dropped
-                i[t] = min(t0 + t, T - 1)
-            for p in range(ch * P // chunks, (ch + 1) * P // chunks):
-                if G == 32:
-                    _panel_block(qp, sp, hp, has_shift, x, i, p, 32, lo, hi, s)
-                else:
-                    _panel_block(qp, sp, hp, has_shift, x, i, p, 16, lo, hi, s)
-                for t in range(min(TOKENS, T - t0)):
-                    for lane in range(min(PANEL, R - PANEL * p)):  # the last panel: padding
-                        y[t0 + t, PANEL * p + lane] = (lo[16 * t + lane] if t < 8
-                                                       else hi[16 * (t - 8) + lane])
+    G = x.shape[1] // sp.shape[1]
+    (gemm_panels_g32 if G == 32 else gemm_panels_g16)(qp, sp, hp, has_shift, x, chunks, y)
 
 
 def gemm_chunks(panels: int, threads: int) -> int:
