@@ -151,18 +151,32 @@ def startup_tinygemma(path, text, threads, spawned_at):
             "first_token": first, "detail": f"numba {__import__('numba').__version__}"}
 
 
-def startup_llama_cpp(path, text, threads, spawned_at):
-    t_main = STARTED
+def llama_cpp_module(path):
+    """``llama_cpp``, or why it cannot run ``path`` (a dict with ``"skipped"``)."""
     try:
         import llama_cpp
     except ImportError:
         return {"skipped": "llama-cpp-python not installed"}
     if path is None or os.path.isdir(path):
         return {"skipped": "llama.cpp reads GGUF files only"}
-    t_imports = time.time()
+    return llama_cpp
+
+
+def open_llama(llama_cpp, path, n_ctx, threads):
+    """A llama.cpp model on ``threads`` threads (0: every core), for ``n_ctx`` positions; and
+    the thread count."""
     n = threads or os.cpu_count()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=512, n_threads=n,
-                          n_threads_batch=n, logits_all=False, verbose=False)
+    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=n,
+                           n_threads_batch=n, logits_all=False, verbose=False), n
+
+
+def startup_llama_cpp(path, text, threads, spawned_at):
+    t_main = STARTED
+    llama_cpp = llama_cpp_module(path)
+    if isinstance(llama_cpp, dict):
+        return llama_cpp
+    t_imports = time.time()
+    llm, n = open_llama(llama_cpp, path, 64, threads)
     t_load = time.time()
     ids = llm.tokenize(text.encode(), add_bos=True)
     llm.eval(ids)
@@ -200,16 +214,11 @@ def cold_tinygemma(path, ids, threads):
 
 
 def cold_llama_cpp(path, ids, threads):
-    try:
-        import llama_cpp
-    except ImportError:
-        return {"skipped": "llama-cpp-python not installed"}
-    if os.path.isdir(path):
-        return {"skipped": "llama.cpp reads GGUF files only"}
-    n = threads or os.cpu_count()
+    llama_cpp = llama_cpp_module(path)
+    if isinstance(llama_cpp, dict):
+        return llama_cpp
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=len(ids) + 8, n_batch=512, n_ubatch=512,
-                          n_threads=n, n_threads_batch=n, logits_all=False, verbose=False)
+    llm, n = open_llama(llama_cpp, path, len(ids) + 8, threads)
     load_s = time.perf_counter() - t0
     ids = [int(i) for i in ids]
     llm.eval(ids[:6])
@@ -299,17 +308,11 @@ def run_transformers(path, ids, new_tokens, repeats, threads, dtype="float32"):
 
 
 def run_llama_cpp(path, ids, new_tokens, repeats, threads):
-    try:
-        import llama_cpp
-    except ImportError:
-        return {"skipped": "llama-cpp-python not installed"}
-    if os.path.isdir(path):
-        return {"skipped": "llama.cpp reads GGUF files only"}
-    n = threads or os.cpu_count()
+    llama_cpp = llama_cpp_module(path)
+    if isinstance(llama_cpp, dict):
+        return llama_cpp
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=len(ids) + new_tokens + 8, n_batch=512,
-                          n_ubatch=512, n_threads=n, n_threads_batch=n, logits_all=False,
-                          verbose=False)
+    llm, n = open_llama(llama_cpp, path, len(ids) + new_tokens + 8, threads)
     load_s = time.perf_counter() - t0
     vocab = llm.n_vocab()
 
