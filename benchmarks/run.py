@@ -159,6 +159,12 @@ def ratios(a: list[dict], b: list[dict], key: str, invert: bool = False) -> str:
     return ", ".join(out) or "-"
 
 
+def usable(runs: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], list[str]]:
+    """The runs that ran, per engine, and a line for each engine that was skipped."""
+    ok = {e: [r for r in rs if "skipped" not in r] for e, rs in runs.items()}
+    return ok, [f"{e}: skipped: {rs[0]['skipped']}" for e, rs in runs.items() if not ok[e]]
+
+
 def measure_startup(a, demo: bool, ref_python) -> dict:
     """The start-up table: tinygemma's command and engine against llama.cpp, and the parts."""
     import numpy as np
@@ -188,12 +194,11 @@ def measure_startup(a, demo: bool, ref_python) -> dict:
                                           if r.get("first_token_s") else "") + \
                 f"exit {r.get('exit_s', 0):.2f} s"
             print(f"  start-up round {k + 1}: {engine}: {status}", file=sys.stderr, flush=True)
-    ok = {e: [r for r in rs if "skipped" not in r] for e, rs in runs.items()}
+    ok, skipped = usable(runs)
     llama = ok["llama.cpp"]
     rows = []
-    for engine, rs in runs.items():
+    for engine in runs:
         if not ok[engine]:
-            rows.append({"engine": engine, "note": rs[0]["skipped"]})
             continue
         first, exit_ = median(ok[engine], "first_token_s"), median(ok[engine], "exit_s")
         lf, le = median(llama, "first_token_s"), median(llama, "exit_s")
@@ -203,12 +208,10 @@ def measure_startup(a, demo: bool, ref_python) -> dict:
     print(f"**Start-up**: a new process to the first token of {a.startup_text!r} "
           f"({(ok['tinygemma'] or [{}])[0].get('prompt_tokens', '?')} tokens), Numba and file "
           f"caches warm; median of {a.rounds} rounds\n")
-    print(format_table([r for r in rows if "note" not in r],
-                       ["engine", "first token s", "exit s", "first token / llama.cpp",
-                        "exit / llama.cpp"]))
-    for r in rows:
-        if "note" in r:
-            print(f"{r['engine']}: skipped: {r['note']}")
+    print(format_table(rows, ["engine", "first token s", "exit s", "first token / llama.cpp",
+                              "exit / llama.cpp"]))
+    if skipped:
+        print("\n".join(skipped))
     if llama:
         print("\nround by round, against llama.cpp: tinygemma first token "
               f"{ratios(ok['tinygemma'], llama, 'first_token_s')}; tinygemma generate to exit "
@@ -243,12 +246,11 @@ def measure_cold(a, ids_file, ref_python) -> dict:
             status = r.get("skipped") or (f"cold {1000 * r['cold_s']:.0f} ms, warm "
                                           f"{1000 * r['warm_s']:.0f} ms")
             print(f"  cold round {k + 1}: {engine}: {status}", file=sys.stderr, flush=True)
-    ok = {e: [r for r in rs if "skipped" not in r] for e, rs in runs.items()}
+    ok, skipped = usable(runs)
     llama = ok["llama.cpp"]
     rows = []
-    for engine, rs in runs.items():
+    for engine in runs:
         if not ok[engine]:
-            rows.append({"engine": engine, "note": rs[0]["skipped"]})
             continue
         row = {"engine": engine}
         for key in ("cold", "warm"):
@@ -262,12 +264,10 @@ def measure_cold(a, ids_file, ref_python) -> dict:
     print(f"**Cold prefill**: the first {n}-token prompt in a new process after a 6-token "
           f"warm-up prompt (cold), then the same prompt again (warm, median of 2); median of "
           f"{a.rounds} rounds\n")
-    print(format_table([r for r in rows if "note" not in r],
-                       ["engine", "cold ms", "cold tok/s", "cold vs llama.cpp", "warm ms",
-                        "warm tok/s", "warm vs llama.cpp", "peak RSS GB"]))
-    for r in rows:
-        if "note" in r:
-            print(f"{r['engine']}: skipped: {r['note']}")
+    print(format_table(rows, ["engine", "cold ms", "cold tok/s", "cold vs llama.cpp", "warm ms",
+                              "warm tok/s", "warm vs llama.cpp", "peak RSS GB"]))
+    if skipped:
+        print("\n".join(skipped))
     if llama and ok["tinygemma"]:
         print("\nround by round, tinygemma's prefill rate against llama.cpp's: cold "
               f"{ratios(ok['tinygemma'], llama, 'cold_tok_s')}; warm "
