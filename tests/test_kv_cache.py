@@ -88,14 +88,17 @@ def test_write_then_read_round_trip(dtype, itemsize, rel):
 
 
 # ---- nbytes, by hand ------------------------------------------------------------------------
+GEMMA_7B = GemmaConfig.from_dict(dict(
+    model_type="gemma", vocab_size=256000, hidden_size=3072, intermediate_size=24576,
+    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256))
+
+
 def test_nbytes_by_hand():
     cfg = GemmaConfig.from_dict(tiny_config(3))  # 2 layers, 1 KV head of 16
     assert KVCache(cfg, 10).nbytes == 2 * 2 * 1 * 10 * 16 * 4  # k and v, layers, heads, pos, d
     assert KVCache(cfg, 10, "bfloat16").nbytes == 1280
     assert KVCache(cfg, 10, "float16").nbytes == 1280
-    gemma_7b = GemmaConfig.from_dict(dict(
-        model_type="gemma", vocab_size=256000, hidden_size=3072, intermediate_size=24576,
-        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256))
+    gemma_7b = GEMMA_7B
     # 2 x 28 layers x 16 heads x 256 dims x 2 bytes = 458,752 bytes a position
     assert KVCache(gemma_7b, 2, "bfloat16").nbytes == 2 * 458_752
     assert kv_cache.position_bytes(gemma_7b, "bfloat16") * 8192 == 3_758_096_384  # 3.76 GB
@@ -137,13 +140,42 @@ def with_memory(monkeypatch, n):
 def test_auto_keeps_float32_while_it_fits_comfortably(monkeypatch, tiny_path):
     model = tg.load(tiny_path)
     f32 = kv_cache.position_bytes(model.config, "float32") * 100 + model.weights.nbytes
-    with_memory(monkeypatch, f32 / 0.8)  # exactly 80% of the memory: float32
+    reserve = 10**9  # kept for the process, out of what weights and cache may take
+    with_memory(monkeypatch, f32 / 0.8 + reserve)  # exactly 80% of the usable memory: float32
     assert model.new_cache(100).dtype == "float32"
-    with_memory(monkeypatch, f32 / 0.8 - 1)
+    with_memory(monkeypatch, f32 / 0.8 + reserve - 1)
     assert model.new_cache(100).dtype == "bfloat16"
     with_memory(monkeypatch, 1)  # not even bfloat16 fits: refused
     with pytest.raises(NotEnoughMemory):
         model.new_cache(100)
+
+
+def test_a_reserve_is_kept_for_the_process(monkeypatch, tiny_path):
+    model = tg.load(tiny_path, kv_dtype="float32")
+    need = kv_cache.position_bytes(model.config, "float32") * 100 + model.weights.nbytes
+    with_memory(monkeypatch, need + 10**9)  # leaves exactly 1 GB (the reserve): accepted
+    assert model.new_cache(100).nbytes == need - model.weights.nbytes
+    with_memory(monkeypatch, need + 10**9 - 1)
+    with pytest.raises(NotEnoughMemory, match="less 1.00 GB kept for the process itself"):
+        model.new_cache(100)
+
+
+def test_gemma_7b_float32_cache_refused_by_its_reserve(monkeypatch):
+    # The 7B-shaped case measured on a 24 GB machine: 17.08 GB of bf16 weights and 8201
+    # positions of 2 x 28 x 16 x 256 x 4 bytes = 7.52 GB; MemAvailable 24.73 GB would leave
+    # 0.13 GB to the process in float32: refused. The bfloat16 cache (3.76 GB) is accepted.
+    weights, f32 = 17_075_361_792, 8201 * 917_504  # bytes
+    with_memory(monkeypatch, 24_730_000_000)
+    assert weights + f32 == 24_599_812_096 < 24_730_000_000  # fits without a reserve
+    kv_cache.check_fits(GEMMA_7B, 8201, "bfloat16", weights)
+    with pytest.raises(NotEnoughMemory) as e:
+        kv_cache.check_fits(GEMMA_7B, 8201, "float32", weights)
+    assert str(e.value) == (
+        "a KV cache of 8201 positions in float32 takes 7.52 GB; with the weights (17.08 GB) "
+        "that is 24.60 GB, more than the 24.73 GB of memory available (MemAvailable) less "
+        "1.00 GB kept for the process itself: use a compact cache, --kv-dtype bfloat16 "
+        "(kv_dtype='bfloat16': 3.76 GB), or fewer positions")
+    assert kv_cache.resolve(GEMMA_7B, 8201, "auto", weights) == "bfloat16"
 
 
 def test_refused_before_generating(monkeypatch, tiny_path):
@@ -151,7 +183,7 @@ def test_refused_before_generating(monkeypatch, tiny_path):
     total = len(model.tokenizer.encode("a b")) + 20
     weights = model.weights.nbytes
     f32 = kv_cache.position_bytes(model.config, "float32") * total
-    with_memory(monkeypatch, weights + 0.75 * f32)  # a bfloat16 cache fits, a float32 one not
+    with_memory(monkeypatch, 10**9 + weights + 0.75 * f32)  # bfloat16 fits, float32 not
     with pytest.raises(NotEnoughMemory) as e:
         next(tg.stream(model, "a b", max_new_tokens=20))
     assert isinstance(e.value, MemoryError) and isinstance(e.value, tg.TinyGemmaError)
@@ -166,7 +198,7 @@ def test_cli_refuses_float32_in_one_line_and_bfloat16_runs(monkeypatch, capsys, 
     model = tg.load(tiny_path)
     total = len(model.tokenizer.encode("a b")) + 8
     f32 = kv_cache.position_bytes(model.config, "float32") * total
-    with_memory(monkeypatch, model.weights.nbytes + 0.75 * f32)
+    with_memory(monkeypatch, 10**9 + model.weights.nbytes + 0.75 * f32)
     argv = ["generate", "a b", "--model", tiny_path, "--max-new-tokens", "8", "--ignore-eos"]
     assert cli.main([*argv, "--kv-dtype", "float32"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -180,10 +212,10 @@ def test_cli_says_when_auto_picks_bfloat16(monkeypatch, capsys, tiny_path):
     total = len(model.tokenizer.encode("a b")) + 8
     f32 = kv_cache.position_bytes(model.config, "float32") * total
     argv = ["generate", "a b", "--model", tiny_path, "--max-new-tokens", "8"]
-    with_memory(monkeypatch, model.weights.nbytes + f32)  # fits, but not comfortably
+    with_memory(monkeypatch, 10**9 + model.weights.nbytes + f32)  # fits, not comfortably
     assert cli.main(argv) == 0
     assert f"note: the KV cache of {total} positions is bfloat16" in capsys.readouterr().err
-    with_memory(monkeypatch, 10 * (model.weights.nbytes + f32))
+    with_memory(monkeypatch, 10**9 + 10 * (model.weights.nbytes + f32))
     assert cli.main(argv) == 0
     assert "note: the KV cache" not in capsys.readouterr().err
 

@@ -14,7 +14,8 @@ still computes in float32, decoding each key and value as it reads it.
   cache type).
 
 ``new_cache`` on a model checks, before allocating, that its weights plus the full cache fit
-in the memory the system has available (:func:`check_fits`).
+in the memory the system has available, less a reserve for the process itself
+(:func:`check_fits`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ from .errors import NotEnoughMemory
 KV_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
 AUTO = "auto"  # the fast path's default: float32 while it fits comfortably, else bfloat16
 COMFORTABLE = 0.8  # "auto" keeps float32 while weights + cache take at most this of the memory
+# Memory the process needs beside its weights and cache, kept out of what they may take. The
+# demo's peak RSS is 0.6 GB for 0.25 GB of stored weights: 0.10 GB the imports, 0.08 GB the
+# vocabulary, 0.30 GB its int8 panels (docs/performance.md); and one 512-position chunk of
+# logits over Gemma 3's 262,144 pieces is 0.5 GB more (evaluate.CHUNK). 1 GB covers these with
+# a margin; without it a cache filling the last 0.1 GB would be accepted, then swap or OOM.
+RESERVE = 1_000_000_000
 
 
 def check_kv_dtype(dtype: str) -> str:
@@ -128,25 +135,36 @@ def available_memory() -> int | None:
     return None
 
 
+def usable_memory() -> int | None:
+    """Bytes the weights and the cache may take: the available memory less ``RESERVE``."""
+    free = available_memory()
+    return None if free is None else free - RESERVE
+
+
 def resolve(config: GemmaConfig, max_len: int, dtype: str, weight_bytes: int) -> str:
     """The concrete dtype of a cache: ``dtype``, or for "auto" float32 when the weights plus
-    a float32 cache take at most ``COMFORTABLE`` of the available memory, else bfloat16."""
+    a float32 cache take at most ``COMFORTABLE`` of the usable memory, else bfloat16.
+
+    Of the usable memory, not the available, so that float32 is chosen only where
+    :func:`check_fits` accepts it."""
     if dtype != AUTO:
         return dtype
-    free = available_memory()
+    usable = usable_memory()
     need = weight_bytes + max_len * position_bytes(config, "float32")
-    return "float32" if free is None or need <= COMFORTABLE * free else "bfloat16"
+    return "float32" if usable is None or need <= COMFORTABLE * usable else "bfloat16"
 
 
 def check_fits(config: GemmaConfig, max_len: int, dtype: str, weight_bytes: int) -> None:
-    """Refuse, before allocating, a cache that with the weights exceeds the available memory.
+    """Refuse, before allocating, a cache that with the weights exceeds the available memory
+    less ``RESERVE``.
 
     Both must stay in memory: the cache is anonymous memory (there is no swap to page it to
     on most machines, and swapping it would stall every token), and the memory-mapped weights
-    are read in full for every token (evicted, they are read from disk again each time)."""
-    free = available_memory()
+    are read in full for every token (evicted, they are read from disk again each time). The
+    process itself needs ``RESERVE`` beside them (its interpreter, vocabulary, activations)."""
+    usable = usable_memory()
     cache = max_len * position_bytes(config, dtype)
-    if free is None or weight_bytes + cache <= free:
+    if usable is None or weight_bytes + cache <= usable:
         return
     half = max_len * position_bytes(config, "bfloat16")
     hint = (f"use a compact cache, --kv-dtype bfloat16 (kv_dtype='bfloat16': {_size(half)}), "
@@ -154,7 +172,8 @@ def check_fits(config: GemmaConfig, max_len: int, dtype: str, weight_bytes: int)
     raise NotEnoughMemory(
         f"a KV cache of {max_len} positions in {dtype} takes {_size(cache)}; with the weights "
         f"({_size(weight_bytes)}) that is {_size(weight_bytes + cache)}, more than the "
-        f"{_size(free)} of memory available (MemAvailable): {hint}")
+        f"{_size(usable + RESERVE)} of memory available (MemAvailable) less {_size(RESERVE)} "
+        f"kept for the process itself: {hint}")
 
 
 def _size(n: int) -> str:
