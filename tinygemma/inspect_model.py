@@ -4,7 +4,8 @@ Prints the config, the parameters by component, the tensor types (dtypes and GGU
 quantisation types) with their counts, and the bytes of weights read to decode one token:
 every matrix of every layer once, one row of the embedding (the lookup), and the whole
 embedding again as the tied LM head. Decoding is memory-bound, so these bytes over the
-memory bandwidth bound the tokens per second from above.
+memory bandwidth bound the tokens per second from above. Then the KV cache's bytes per
+position and at the full context, in each cache dtype (float32, bfloat16, float16).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from collections import Counter, defaultdict
 
 from .config import SLIDING, GemmaConfig, count_parameters
+from .kv_cache import AUTO, KV_DTYPES, check_kv_dtype, position_bytes
 
 COMPONENTS = ("embedding", "attention", "mlp", "norms", "lm_head")
 
@@ -62,9 +64,12 @@ def bytes_per_token(tensors: dict, config: GemmaConfig) -> dict[str, int]:
     return out
 
 
-def kv_bytes_per_position(config: GemmaConfig) -> int:
-    """Bytes of keys and values one position adds to the cache, all layers (float32)."""
-    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
+def kv_bytes_per_position(config: GemmaConfig, dtype: str = "float32") -> int:
+    """Bytes of keys and values one position adds to a cache of ``dtype``, all layers."""
+    if check_kv_dtype(dtype) == AUTO:
+        raise ValueError("kv_bytes_per_position needs a concrete dtype, not 'auto' (which "
+                         "depends on the memory available)")
+    return position_bytes(config, dtype)
 
 
 def describe(model, path: str) -> str:
@@ -150,10 +155,16 @@ def describe(model, path: str) -> str:
               f"  {'embedding row':<14} {mb(b['embedding_row']):>10}  one row of "
               f"{c.vocab_size:,}",
               f"  {'LM head':<14} {mb(b['lm_head']):>10}  {head} for the logits",
-              f"  {'total':<14} {mb(b['total']):>10}  ({mb(f32)} if decoded to float32)",
-              f"  {'KV cache':<14} {mb(kv_bytes_per_position(c)):>10}  per position of context "
-              f"(float32 keys and values; local layers read at most "
-              f"{c.sliding_window or 'all'} positions)"]
+              f"  {'total':<14} {mb(b['total']):>10}  ({mb(f32)} if decoded to float32)", ""]
+
+    # ---- KV cache --------------------------------------------------------------------------
+    local = f"; local layers read at most the last {c.sliding_window}" if n_local else ""
+    lines.append(f"KV cache per position, by --kv-dtype (keys and values of the {c.num_layers} "
+                 f"layers{local})")
+    for dtype in KV_DTYPES:
+        per = kv_bytes_per_position(c, dtype)
+        lines.append(f"  {dtype:<14} {mb(per):>10}  {mb(per * c.max_position_embeddings)} at "
+                     f"the full context of {c.max_position_embeddings:,} tokens")
     return "\n".join(lines)
 
 
