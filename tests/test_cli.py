@@ -13,7 +13,7 @@ import time
 import numba
 import pytest
 
-from tiny import tiny_config, write_gguf, write_hf
+from tiny import gemma_config, write_gguf, write_hf
 from tinygemma import cli
 from tinygemma.inspect_model import bytes_per_token, describe, kv_bytes_per_position
 
@@ -250,9 +250,8 @@ def test_inspect_tiny_hf_bytes_by_hand(tmp_path):
 
 @pytest.mark.parametrize("bad", ["auto", "bf16", None])
 def test_kv_bytes_per_position_needs_a_cache_dtype(bad):
-    from tinygemma.config import GemmaConfig
     with pytest.raises(ValueError, match="auto" if bad == "auto" else "'float32', 'bfloat16'"):
-        kv_bytes_per_position(GemmaConfig.from_dict(tiny_config()), bad)
+        kv_bytes_per_position(gemma_config(), bad)
 
 
 def test_inspect_tiny_gguf_quantised(capsys, tmp_path):

@@ -21,6 +21,7 @@ from numba import njit
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
+from tiny import gemma_config
 from tinygemma import kernels as K
 from tinygemma.kernels import attention, fast_model, gemm
 from tinygemma import layers as L
@@ -330,14 +331,7 @@ def exp_all(x):
 
 
 # ---- whole models ---------------------------------------------------------------------------
-def gemma_config(**overrides) -> GemmaConfig:
-    """A tiny Gemma 3 as a GemmaConfig (tests/tiny.py's tiny_config is a config.json dict)."""
-    c = dict(family=3, vocab_size=300, hidden_size=64, intermediate_size=256, num_layers=2,
-             num_heads=4, num_kv_heads=1, head_dim=32, sliding_window=4, query_pre_attn_scalar=32,
-             layer_types=("sliding_attention", "full_attention"), sandwich_norms=True,
-             qk_norm=True, rope_theta=1e6)
-    c.update(overrides)
-    return GemmaConfig(**c)
+LOCAL_GLOBAL = ("sliding_attention", "full_attention")  # both kinds of layer in two
 
 
 def tiny_weights(c: GemmaConfig, kind, seed=0) -> dict[str, Tensor]:
@@ -358,13 +352,10 @@ def tiny_weights(c: GemmaConfig, kind, seed=0) -> dict[str, Tensor]:
 @pytest.mark.parametrize("keep", [K.KEEP_F32_BYTES, 0], ids=["keep_f32", "tiles"])
 def test_tiny_model_fast_equals_reference(family, kind, keep):
     per = BLOCK[kind][0] if isinstance(kind, Q) else 32
-    extra = {1: dict(family=1, sandwich_norms=False, qk_norm=False, sliding_window=None,
-                     layer_types=(), num_kv_heads=4, query_pre_attn_scalar=None),
-             2: dict(family=2, qk_norm=False, attn_logit_softcap=50.0, final_logit_softcap=30.0),
-             3: {}}[family]
-    c = gemma_config(hidden_size=per, intermediate_size=2 * per,
-                    head_dim=per // 4 if per > 32 else 32,
-                    **extra)
+    c = gemma_config(family, hidden_size=per, intermediate_size=2 * per, num_heads=4,
+                     num_kv_heads=4 if family == 1 else 1,  # Gemma 1: MHA (as 7B)
+                     head_dim=per // 4 if per > 32 else 32,
+                     layer_types=() if family == 1 else LOCAL_GLOBAL)
     tensors = tiny_weights(c, kind, seed=family)
     ref, fast = Gemma(c, Weights(tensors)), K.FastGemma(c, Weights(tensors), keep_f32_bytes=keep)
     assert (fast.packed.f32 is None) == (keep == 0)  # prefill: float32 matrices kept, or tiles
@@ -384,9 +375,8 @@ def test_tiny_model_long_cache_decode_equals_reference(family):
     """Decoding over 200 cached positions: FastGemma.attend splits the keys in ranges (at
     least KEYS_PER_PART each) and merges them; the logits are the reference's. Gemma 2 soft-caps
     and both slide a window over part of the cache."""
-    extra = {2: dict(family=2, qk_norm=False, attn_logit_softcap=50.0, final_logit_softcap=30.0),
-             3: {}}[family]
-    c = gemma_config(sliding_window=150, max_position_embeddings=512, **extra)
+    c = gemma_config(family, sliding_window=150, max_position_embeddings=512,
+                     layer_types=LOCAL_GLOBAL)
     tensors = tiny_weights(c, Q.Q8_0, seed=family)
     ref, fast = Gemma(c, Weights(tensors)), K.FastGemma(c, Weights(tensors))
     fast.threads = 3  # key ranges whatever this machine's cores: the result must not depend on it

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import tinygemma as tg
-from tiny import tiny_config, write_gguf, write_hf
+from tiny import gemma_config, write_gguf, write_hf
 from tinygemma import cli, kv_cache
 from tinygemma import kernels as K
 from tinygemma import layers as L
 from tinygemma.checkpoints.weights import Weights
-from tinygemma.config import GemmaConfig
+from tinygemma.config import GEMMA_7B
 from tinygemma.errors import NotEnoughMemory
 from tinygemma.kernels import fast_model
 from tinygemma.kv_cache import KVCache, from_bf16, to_bf16
@@ -70,7 +70,7 @@ def test_float16_cache_rounds_to_nearest_even():
 @pytest.mark.parametrize("dtype, itemsize, rel", [("float32", 4, 0), ("bfloat16", 2, 2 ** -8),
                                                   ("float16", 2, 2 ** -11)])
 def test_write_then_read_round_trip(dtype, itemsize, rel):
-    cfg = GemmaConfig.from_dict(tiny_config(3))
+    cfg = gemma_config()
     cache = KVCache(cfg, 10, dtype)
     rng = np.random.default_rng(0)
     k = rng.standard_normal((1, 3, 16)).astype(np.float32) * 5  # [K, T, d]
@@ -88,21 +88,15 @@ def test_write_then_read_round_trip(dtype, itemsize, rel):
 
 
 # ---- nbytes, by hand ------------------------------------------------------------------------
-GEMMA_7B = GemmaConfig.from_dict(dict(
-    model_type="gemma", vocab_size=256000, hidden_size=3072, intermediate_size=24576,
-    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256))
-
-
 def test_nbytes_by_hand():
-    cfg = GemmaConfig.from_dict(tiny_config(3))  # 2 layers, 1 KV head of 16
+    cfg = gemma_config()  # 2 layers, 1 KV head of 16
     assert KVCache(cfg, 10).nbytes == 2 * 2 * 1 * 10 * 16 * 4  # k and v, layers, heads, pos, d
     assert KVCache(cfg, 10, "bfloat16").nbytes == 1280
     assert KVCache(cfg, 10, "float16").nbytes == 1280
-    gemma_7b = GEMMA_7B
     # 2 x 28 layers x 16 heads x 256 dims x 2 bytes = 458,752 bytes a position
-    assert KVCache(gemma_7b, 2, "bfloat16").nbytes == 2 * 458_752
-    assert kv_cache.position_bytes(gemma_7b, "bfloat16") * 8192 == 3_758_096_384  # 3.76 GB
-    assert kv_cache.position_bytes(gemma_7b, "float32") * 8192 == 7_516_192_768  # 7.52 GB
+    assert KVCache(GEMMA_7B, 2, "bfloat16").nbytes == 2 * 458_752
+    assert kv_cache.position_bytes(GEMMA_7B, "bfloat16") * 8192 == 3_758_096_384  # 3.76 GB
+    assert kv_cache.position_bytes(GEMMA_7B, "float32") * 8192 == 7_516_192_768  # 7.52 GB
 
 
 # ---- bad values -------------------------------------------------------------------------------
@@ -160,7 +154,7 @@ def test_a_reserve_is_kept_for_the_process(monkeypatch, tiny_path):
         model.new_cache(100)
 
 
-def test_gemma_7b_float32_cache_refused_by_its_reserve(monkeypatch):
+def test_GEMMA_7B_float32_cache_refused_by_its_reserve(monkeypatch):
     # The 7B-shaped case measured on a 24 GB machine: 17.08 GB of bf16 weights and 8201
     # positions of 2 x 28 x 16 x 256 x 4 bytes = 7.52 GB; MemAvailable 24.73 GB would leave
     # 0.13 GB to the process in float32: refused. The bfloat16 cache (3.76 GB) is accepted.
@@ -245,14 +239,6 @@ def test_bench_kv_dtype(capsys, tiny_path):
 
 
 # ---- the kernels read the compact cache as the reference does ---------------------------------
-def gemma_config(**kw) -> GemmaConfig:
-    c = dict(family=3, vocab_size=300, hidden_size=64, intermediate_size=256, num_layers=2,
-             num_heads=4, num_kv_heads=1, head_dim=16, sliding_window=None,
-             query_pre_attn_scalar=16, layer_types=("full_attention",) * 2, rope_theta=1e6)
-    c.update(kw)
-    return GemmaConfig(**c)
-
-
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("H, Kv", [(4, 1), (4, 2), (2, 2)], ids=["MQA", "GQA", "MHA"])
 @pytest.mark.parametrize("window, cap", [(None, None), (5, None), (None, 50.0)])

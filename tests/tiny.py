@@ -1,6 +1,7 @@
 """Tiny random Gemma checkpoints for tests: a Hugging Face folder or a GGUF file in a few KB.
 
     from tiny import write_hf, write_gguf   # tests/ is on sys.path under pytest
+    config = gemma_config(2, num_heads=4)       # a GemmaConfig, no file
     folder = write_hf(tmp_path / "g3", family=3)             # config.json + model.safetensors
     path = write_gguf(tmp_path / "g3.gguf", family=3)         # F32 tensors, a tiny vocabulary
     path = write_gguf(tmp_path / "q.gguf", qtype="Q8_0")      # quantised matrices
@@ -14,6 +15,7 @@ Any config field can be overridden: ``write_hf(p, num_hidden_layers=1, vocab_siz
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -42,6 +44,12 @@ def tiny_config(family: int = 3, **overrides) -> dict:
                  rope_local_base_freq=ROPE_BASE)  # five local layers to one global
     d.update(overrides)
     return d
+
+
+def gemma_config(family: int = 3, **fields) -> GemmaConfig:
+    """``tiny_config(family)`` as a GemmaConfig, with ``fields`` (GemmaConfig's names)
+    replaced: for tests that build a model without writing a checkpoint."""
+    return dataclasses.replace(GemmaConfig.from_dict(tiny_config(family)), **fields)
 
 
 def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
