@@ -75,3 +75,46 @@ def test_demo_file_holds_k_quants_decoded_by_gguf_quants():
                         ("blk.0.ffn_down.weight", "layers.0.down")]:
         info = next(t for t in f.tensors if t.name == gname)
         np.testing.assert_array_equal(model.weights[ours], dequantize(np.asarray(info.data), info.qtype))
+
+
+def _mapped_kb(path) -> int:
+    """Kilobytes of ``path`` resident in this process's memory maps (Linux /proc/self/smaps)."""
+    total, current = 0, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and not parts[0].endswith(":"):  # a mapping's first line
+                current = parts[5] if len(parts) > 5 else None
+            elif parts[0] == "Rss:" and current == str(path):
+                total += int(parts[1])
+    return total
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0"])
+def test_embedding_rows_read_from_the_file_equal_the_mapped_ones(qtype, tmp_path):
+    """GGUFTensor.rows reads rows with pread; they decode as gguf.quants does the map's."""
+    path = fixture_as_gguf("gemma1_2b", tmp_path / "q.gguf", qtype=qtype)
+    t = tg.load(path, fast=False).weights.tensors["embed"]
+    for idx in ([5, 7, 5, -1], np.array([[1, 2], [3, t.shape[0] - 1]]), 3, slice(2, 9)):
+        want = dequantize(np.asarray(t.data[idx]), t.qtype)
+        got = t.rows(idx)
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(IndexError, match=f"row {t.shape[0]} is outside"):
+        t.rows([1, t.shape[0]])
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_loading_and_looking_up_rows_leave_no_file_pages_mapped(demo_path):
+    """The demo's 262K-row embedding: after loading, and after looking up 400 scattered rows,
+    none of the file's pages is resident in the process (each row read through the map
+    brought ~140 KB around it in)."""
+    path = Path(demo_path).resolve()
+    model = tg.load(path, fast=False)
+    assert _mapped_kb(path) == 0
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 400)
+    x = model.weights.table("embed")[ids]
+    assert x.shape == (400, model.config.hidden_size)
+    assert _mapped_kb(path) == 0
+    np.asarray(model.weights.tensors["embed"].data[ids])  # through the map: pages come in
+    assert _mapped_kb(path) > 400 * 4

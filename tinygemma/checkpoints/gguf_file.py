@@ -18,7 +18,7 @@ import numpy as np
 from ..config import (GEMMA2_SOFTCAPS, MAX_LAYERS, ROPE_BASE, GemmaConfig, family_layer_types,
                       gemma3_query_pre_attn_scalar)
 from ..errors import CheckpointError
-from .gguf_header import TensorInfo, read_gguf
+from .gguf_header import RowReader, TensorInfo, read_gguf
 from .weights import BF16Tensor, F16Tensor, Tensor, check_weights
 
 _GLOBAL = {"token_embd": "embed", "output_norm": "final_norm", "output": "lm_head"}
@@ -34,12 +34,18 @@ _FAMILY = {"gemma": 1, "gemma2": 2, "gemma3": 3}
 
 
 class GGUFTensor(Tensor):
-    """Quantised GGUF blocks as stored (``[rows, bytes per row]`` uint8), decoded by gguf.quants."""
+    """Quantised GGUF blocks as stored (``[rows, bytes per row]`` uint8), decoded by gguf.quants.
 
-    def __init__(self, data: np.ndarray, qtype, shape: tuple[int, ...]):
+    ``read_rows``: the file's :class:`RowReader` for this tensor, with which :meth:`rows` reads
+    the few rows it is asked for (the embedding lookup) without mapping the pages around them.
+    """
+
+    def __init__(self, data: np.ndarray, qtype, shape: tuple[int, ...],
+                 read_rows: RowReader | None = None):
         super().__init__(data, shape)
         self.qtype = qtype
         self.kind = qtype.name
+        self.read_rows = read_rows
 
     def f32(self) -> np.ndarray:
         from gguf.quants import dequantize
@@ -47,7 +53,10 @@ class GGUFTensor(Tensor):
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         from gguf.quants import dequantize
-        return dequantize(np.asarray(self.data[idx]), self.qtype)
+        integers = isinstance(idx, (int, np.integer, list, np.ndarray)) and np.asarray(
+            idx).dtype.kind in "iu"
+        blocks = self.read_rows(idx) if self.read_rows and integers else self.data[idx]
+        return dequantize(np.asarray(blocks), self.qtype)
 
 
 def config_from_gguf(meta: dict, path: str = "GGUF", vocab: int | None = None) -> GemmaConfig:
@@ -119,7 +128,7 @@ def _tensor(t: TensorInfo) -> Tensor:
     except (NotImplementedError, ValueError, KeyError) as e:
         raise CheckpointError(f"tensor {t.name!r}: quantisation type {t.qtype.name} "
                               f"cannot be decoded by gguf.quants ({e})") from None
-    return GGUFTensor(t.data, t.qtype, t.shape)
+    return GGUFTensor(t.data, t.qtype, t.shape, t.rows)
 
 
 def _our_name(name: str) -> str | None:
@@ -159,4 +168,5 @@ def load_gguf(path: str):
     if "lm_head" in tensors:  # llama.cpp writes output.weight only when the head is not tied
         config = config.replace(tie_word_embeddings=False)
     check_weights(tensors, config, path, origin, _gguf_name)
+    f.release_pages()  # what loading read (header, norms, a row of each tensor): not needed now
     return config, tensors, f.metadata

@@ -17,6 +17,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,46 @@ class TensorInfo:
     shape: tuple[int, ...]  # NumPy order: outermost first, [out, in] for a matrix
     qtype: object  # gguf.GGMLQuantizationType
     data: np.ndarray  # the stored bytes, uint8 [rows, bytes per row] (a view of the file)
+    rows: "RowReader | None" = None  # the same rows read from the open file, without the map
+
+
+class RowReader:
+    """Rows of one tensor read with ``os.pread`` from the open file instead of the memory map.
+
+    A row read through the map brings the pages around it into the process too: at each
+    fault the kernel maps a window of the file (about 140 KB measured on Linux 6.x, madvise
+    or not), so looking up the embedding rows of a 500-token prompt added up to 40 MB to the
+    RSS for 1.3 MB of rows. ``file`` is the open file (its descriptor closed with the last
+    reader), ``offset`` where the tensor starts, ``shape`` its ``[rows, bytes per row]``.
+    """
+
+    def __init__(self, file: "_OpenFile", offset: int, shape: tuple[int, int]):
+        self.file, self.offset, self.shape = file, offset, shape
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        """The stored bytes of rows ``idx`` (integers, any shape), uint8 ``[*idx.shape, row
+        bytes]``; an id outside the tensor is an IndexError, as NumPy's indexing."""
+        n, width = self.shape
+        idx = np.asarray(idx)
+        rows = np.where(idx < 0, idx + n, idx).reshape(-1)  # [k]
+        bad = (rows < 0) | (rows >= n)  # [k]
+        if bad.any():
+            raise IndexError(f"row {int(idx.reshape(-1)[bad.argmax()])} is outside a tensor "
+                             f"of {n} rows")
+        out = np.empty((rows.size, width), np.uint8)  # [k, bytes per row]
+        for k, r in enumerate(rows.tolist()):
+            if os.preadv(self.file.fd, [out[k]], self.offset + r * width) != width:
+                raise OSError(f"{self.file.path}: row {r} could not be read: the file shrank")
+        return out.reshape(idx.shape + (width,))
+
+
+class _OpenFile:
+    """A file descriptor kept open while a tensor reads from it, closed when the last goes."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
 
 
 LAZY_STRINGS = 1024  # string arrays at least this long are decoded when first read
@@ -89,8 +130,8 @@ class GGUFFile:
         if not os.path.exists(path):
             raise CheckpointNotFound(f"{path}: no such GGUF file")
         try:
-            with open(path, "rb") as f:
-                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.file = _OpenFile(path)  # the map for the tensors' data, the file for rows
+            self.mm = mmap.mmap(self.file.fd, 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot map the GGUF file ({e})") from None
         self.buf = np.frombuffer(self.mm, dtype=np.uint8)  # tensor data: views, no copies
@@ -207,11 +248,22 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: tensor {name!r} ({nbytes} bytes at offset "
                                   f"{offset}) runs beyond the end of the file: truncated?")
         data = self.buf[begin:begin + nbytes].reshape(rows, row_bytes)
-        return TensorInfo(name, tuple(reversed(dims)), qtype, data)
+        return TensorInfo(name, tuple(reversed(dims)), qtype, data,
+                          RowReader(self.file, begin, (rows, row_bytes)))
+
+    def release_pages(self) -> None:
+        """Drop the pages of the file this process has read through the map (the header,
+        the rows checked or copied while loading) from its RSS. The map is read-only and
+        shared, so nothing is lost: a later read maps them again from the page cache."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED)
+            except OSError:
+                pass
 
 
 def read_gguf(path: str) -> GGUFFile:
     return GGUFFile(os.fspath(path))
 
 
-__all__ = ["GGUFFile", "Strings", "TensorInfo", "read_gguf"]
+__all__ = ["GGUFFile", "RowReader", "Strings", "TensorInfo", "read_gguf"]
