@@ -38,7 +38,7 @@ import heapq
 import numbers
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import sentencepiece as spm
 from gguf import Keys, TokenType
@@ -183,9 +183,9 @@ class Tokenizer:
         except Exception:  # sentencepiece's RuntimeError/OSError says only where in its C++
             raise ValueError(f"{source}: not a valid SentencePiece model ({len(model_proto)} "
                              "bytes that do not parse as one)") from None
-        self.model_proto = bytes(model_proto)
-        n = self.sp.get_piece_size()
-        self._pieces = self.sp.id_to_piece(list(range(n)))
+        # No copy of the model or list of the 262K pieces beside SentencePiece's own (they took
+        # 27 MB): a piece is asked of SentencePiece when needed (decoded bytes are memoised).
+        self._size = self.sp.get_piece_size()
         types = list(piece_types) if piece_types is not None else _piece_types(model_proto)
         self._build_tables(types, special_text or {})
         self._find_special_ids(special_ids or {})
@@ -237,6 +237,11 @@ class Tokenizer:
         return cls(proto, source="GGUF vocabulary", piece_types=types,
                    special_text=special_text, special_ids=special)
 
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece ``ModelProto`` (as SentencePiece holds it)."""
+        return self.sp.serialized_model_proto()
+
     def state(self) -> dict:
         """What rebuilds this tokenizer without its source: ``Tokenizer(**tok.state())``
         (the loader caches a GGUF vocabulary's so)."""
@@ -246,17 +251,20 @@ class Tokenizer:
 
     def _build_tables(self, types: Sequence[int], special_text: Mapping[int, str]):
         """What each id decodes to, which ids are special, and how to find specials in text."""
-        if len(types) != len(self._pieces):
-            raise ValueError(f"{len(types)} piece types for {len(self._pieces)} pieces")
+        if len(types) != self._size:
+            raise ValueError(f"{len(types)} piece types for {self._size} pieces")
         self._types = bytes(types)  # one byte per id: SentencePiece's piece type
         special = _ids_of_types(self._types, CONTROL, UNKNOWN)
-        self._special_text = {i: special_text.get(i, self._pieces[i]) for i in special}
+        piece = self.sp.id_to_piece
+        self._special_text = {i: special_text.get(i, piece(i)) for i in special}
         self._special_ids = frozenset(special)
         self._bytes = _Memo(lambda i: self._decoded_bytes(i, self._types[i]))  # per id, when
         # first decoded: 262K of them up front took ~0.1 s of every start
         self._special_by_text = {t: i for i, t in self._special_text.items() if t}
         self._special_finder = _SpecialFinder(self._special_by_text)
-        self._space_runs = _SpaceRuns(self._pieces, types)
+        space = self.sp.piece_to_id(SPACE)  # the unknown id when there is no '▁' piece
+        self._space_runs = _SpaceRuns(piece, _ids_of_types(self._types, USER_DEFINED),
+                                      space if piece(space) == SPACE else None)
 
     def _decoded_bytes(self, i: int, kind: int) -> bytes:
         """What id ``i`` contributes to decoded text, as UTF-8 bytes.
@@ -267,7 +275,7 @@ class Tokenizer:
         """
         if i in self._special_text:
             return self._special_text[i].encode("utf-8")
-        piece = self._pieces[i]
+        piece = self.sp.id_to_piece(i)
         if kind == BYTE:
             return bytes([int(piece[3:5], 16)])  # "<0xE2>"
         return piece.replace(SPACE, " ").encode("utf-8")
@@ -289,7 +297,7 @@ class Tokenizer:
             i = self._special_by_text.get(piece)
             if i is None:
                 i = self.sp.piece_to_id(piece)
-                if i == self.sp.unk_id() and piece != self._pieces[i]:
+                if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i):
                     i = None
             if i is not None:
                 return i
@@ -298,7 +306,7 @@ class Tokenizer:
     # ---- the vocabulary -------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return len(self._pieces)
+        return self._size
 
     @property
     def bos_id(self) -> int | None:
@@ -332,7 +340,7 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         """The piece of id ``i`` in SentencePiece's spelling (spaces as '▁')."""
-        return self._pieces[self._check_id(i)]
+        return self.sp.id_to_piece(self._check_id(i))
 
     def piece_to_id(self, piece: str) -> int | None:
         """The id of a piece (SentencePiece spelling, or a special's text), None if absent."""
@@ -411,8 +419,8 @@ class Tokenizer:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral):
             raise TypeError(f"token ids are ints, not {type(i).__name__} ({i!r})")
         i = int(i)
-        if not 0 <= i < len(self._pieces):
-            raise ValueError(f"token id {i} is outside the vocabulary (0..{len(self._pieces) - 1})")
+        if not 0 <= i < self._size:
+            raise ValueError(f"token id {i} is outside the vocabulary (0..{self._size - 1})")
         return i
 
     # ---- chat -----------------------------------------------------------------------------
@@ -570,13 +578,16 @@ class _SpaceRuns:
     the longer left part, then the leftmost.
     """
 
-    def __init__(self, pieces: Sequence[str], types: Sequence[int]):
+    def __init__(self, piece: Callable[[int], str], user_defined: Iterable[int],
+                 space: int | None):
+        """``piece(id)``: a piece's spelling; ``user_defined``: those ids; ``space``: the id of
+        the piece '▁' (None if there is none)."""
         # The runs are user-defined pieces (a few hundred ids); their spelling gives the length.
-        self.ids = {len(pieces[i]): i for i in _ids_of_types(bytes(types), USER_DEFINED)
-                    if len(pieces[i]) > 1 and set(pieces[i]) == {SPACE}}
+        self.ids = {len(piece(i)): i for i in user_defined
+                    if len(piece(i)) > 1 and set(piece(i)) == {SPACE}}
         # A lone space left over would merge with the next character in transformers; with
         # Gemma's pieces (every run from 2 to 31) a long run never leaves one.
-        self.ids[1] = pieces.index(SPACE) if SPACE in pieces else None
+        self.ids[1] = space
         shortest = max(self.ids) + 1  # the shortest run that needs cutting
         self.active = shortest > 2 and self.ids[1] is not None
         self.needle = " " * shortest
