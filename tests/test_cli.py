@@ -97,11 +97,14 @@ def test_error_missing_tokenizer(capsys, tmp_path):
     (["--top-k", "0"], "top_k must be an integer >= 1"),
     (["--max-new-tokens", "-5"], "max_new_tokens must be an integer >= 0"),
 ])
-def test_error_bad_sampling_before_loading(capsys, flags, words):
+def test_error_bad_sampling_before_loading(monkeypatch, capsys, flags, words):
     """Refused at once: the model path is never even looked at."""
-    t = time.perf_counter()
+    monkeypatch.setattr(cli, "load_model", never_called)
     one_line_error(capsys, ["generate", "hi", "--model", "/does/not/matter", *flags], words)
-    assert time.perf_counter() - t < 1
+
+
+def never_called(*args, **kwargs):
+    raise AssertionError("the model was loaded")  # main makes it an "internal error" line
 
 
 def test_error_empty_prompt(capsys):
@@ -172,22 +175,30 @@ def test_closed_pipe_is_quiet(tiny_gguf):
 # ---- Ctrl-C --------------------------------------------------------------------------------------
 @needs_demo
 def test_ctrl_c_stops_generation_cleanly():
+    """Ctrl-C in the middle of a long generation stops it within the token being computed
+    (counted in text printed after the signal, not in seconds: under load a token can take
+    seconds), with exit status 130, "[interrupted]" and no traceback."""
     p = subprocess.Popen([sys.executable, "-m", "tinygemma", "generate", "Once upon a time",
                           "--max-new-tokens", "2000", "--ignore-eos"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     os.set_blocking(p.stdout.fileno(), False)
     got, t = b"", time.monotonic()
-    while len(got) < 10 and time.monotonic() - t < 120 and p.poll() is None:
+    while len(got) < 10 and time.monotonic() - t < 300 and p.poll() is None:
         got += p.stdout.read() or b""
         time.sleep(0.05)
-    assert got, "no text within 120 s"
-    t = time.monotonic()
+    got += p.stdout.read() or b""  # all printed so far: what comes later is after the signal
+    assert got, "no text within 300 s"
     p.send_signal(signal.SIGINT)
-    status = p.wait(10)
-    assert time.monotonic() - t < 5, "took too long to stop"
-    err = p.stderr.read().decode()
+    t = time.monotonic()
+    status = p.wait(300)  # a hang fails here; the 2000 tokens would be ~8 KB of text
+    stopped = time.monotonic() - t
+    os.set_blocking(p.stdout.fileno(), True)
+    after, err = p.stdout.read(), p.stderr.read().decode()
     assert status == 130, err
     assert "Traceback" not in err and "[interrupted]" in err
+    # the token in progress, and one or two more if this process was descheduled between
+    # its last read and the signal: never the rest of the 2000
+    assert len(after) <= 64, f"{len(after)} bytes printed in the {stopped:.1f} s after Ctrl-C"
 
 
 # ---- the progress bar ----------------------------------------------------------------------------
@@ -312,11 +323,10 @@ def test_threads_option(capsys, monkeypatch, tiny_gguf, command):
     assert built[0].threads == 1  # FastGemma read TINYGEMMA_THREADS=1
 
 
-def test_seed_refused_before_loading(capsys):
-    t = time.perf_counter()
+def test_seed_refused_before_loading(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_model", never_called)
     one_line_error(capsys, ["generate", "hi", "--model", "/does/not/matter", "--seed", "-1"],
                    "seed must be an integer >= 0 (or None), got -1")
-    assert time.perf_counter() - t < 1
 
 
 def test_invalid_utf8_prompt_names_the_byte(tmp_path, tiny_gguf):
