@@ -4,8 +4,8 @@
   gives bit for bit the float32 weights of ``gguf.quants.dequantize`` (GGUF blocks) or of the
   plain decoding (bf16, f16, f32);
 * every matvec kernel equals ``x @ W.T`` on those weights, to float32 rounding;
-* the cached attention kernel equals ``layers.attention`` (MQA, GQA, MHA, sliding window,
-  soft-cap), through :meth:`Gemma.attend`;
+* the attention kernels (a few queries over the cache; a prefill's many) equal
+  ``layers.attention`` (MQA, GQA, MHA, sliding window, soft-cap), through :meth:`Gemma.attend`;
 * :class:`FastGemma` gives the reference logits on a tiny random model in every weight format
   and on the real Gemma 3 270M, KV-cache decoding equals the full forward, and greedy decoding
   picks the reference path's tokens.
@@ -218,9 +218,7 @@ def test_projections_stacked_equal_linear(kinds, rows, stacked, T):
 # ---- attention over the cache ---------------------------------------------------------------
 @pytest.mark.parametrize("H, Kv", [(4, 1), (4, 2), (2, 2)], ids=["MQA", "GQA", "MHA"])
 @pytest.mark.parametrize("window, cap", [(None, None), (5, None), (None, 50.0), (1, 30.0)])
-@pytest.mark.parametrize("block", [5, K.QUERY_BLOCK])
-def test_attend_kernel_equals_reference(H, Kv, window, cap, block, monkeypatch):
-    monkeypatch.setattr(fast_model, "QUERY_BLOCK", block)  # prefill: several blocks of queries
+def test_attend_kernel_equals_reference(H, Kv, window, cap):
     rng = np.random.default_rng(H * 7 + Kv)
     d, S = 16, 24
     cfg = gemma_config(num_heads=H, num_kv_heads=Kv, head_dim=d, attn_logit_softcap=cap,
@@ -231,7 +229,7 @@ def test_attend_kernel_equals_reference(H, Kv, window, cap, block, monkeypatch):
     for i in range(2):
         cache.k[i][:] = rng.standard_normal(cache.k[i].shape) * 3
         cache.v[i][:] = rng.standard_normal(cache.v[i].shape)
-    # few queries: the cache kernel; more than SMALL_T (prefill): BLAS + masked softmax
+    # few queries: the cache kernel; more than SMALL_T (prefill): tiles of 16 queries
     for start, T in [(0, 1), (0, 3), (6, 1), (7, K.SMALL_T), (S - 2, 2), (0, 12), (5, 16), (0, S),
                      (3, 21)]:
         q = (rng.standard_normal((H, T, d)) * 3).astype(np.float32)
@@ -262,6 +260,26 @@ def test_attend_cache_splits_keys_over_threads(threads, H, Kv, T, window, cap):
     got = np.full_like(q, np.nan)
     K.attend_cache(q, k, v, pos0, first, window, 0.25, cap, threads, got)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("H, Kv, d", [(4, 1, 16), (4, 2, 32), (2, 2, 20)],
+                         ids=["MQA", "GQA", "MHA-d20"])
+@pytest.mark.parametrize("pos0, T", [(0, 9), (0, 16), (7, 33), (40, 50)])
+@pytest.mark.parametrize("window, cap", [(0, 0.0), (5, 0.0), (0, 30.0), (20, 50.0)])
+def test_attend_prefill_equals_layers(H, Kv, d, pos0, T, window, cap):
+    """The prefill's kernel against ``layers.attention``: tiles of 16 queries (the last one
+    part-filled), keys in tiles of 16 (the last part-filled), a head size that is not a
+    multiple of 16 (20), queries after a filled cache (``pos0``), sliding windows shorter
+    than a tile, soft-capping."""
+    rng = np.random.default_rng(H * 1000 + d * 10 + T)
+    first = max(0, pos0 - window + 1) if window else 0
+    q = (rng.standard_normal((H, T, d)) * 2).astype(np.float32)
+    k, v = (rng.standard_normal((Kv, pos0 + T + 3, d)).astype(np.float32) for _ in range(2))
+    mask = L.causal_mask(np.arange(pos0, pos0 + T), np.arange(first, pos0 + T), window or None)
+    want, _ = L.attention(q, k[:, first:pos0 + T], v[:, first:pos0 + T], mask, 0.25, cap or None)
+    got = np.full_like(q, np.nan)
+    K.attend_prefill(q, k, v, pos0, first, window, 0.25, cap, got)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @njit(cache=True)

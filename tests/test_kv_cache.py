@@ -242,8 +242,7 @@ def test_bench_kv_dtype(capsys, tiny_path):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("H, Kv", [(4, 1), (4, 2), (2, 2)], ids=["MQA", "GQA", "MHA"])
 @pytest.mark.parametrize("window, cap", [(None, None), (5, None), (None, 50.0)])
-def test_attend_on_a_compact_cache_equals_reference(dtype, H, Kv, window, cap, monkeypatch):
-    monkeypatch.setattr(fast_model, "QUERY_BLOCK", 5)  # prefill: several blocks of queries
+def test_attend_on_a_compact_cache_equals_reference(dtype, H, Kv, window, cap):
     rng = np.random.default_rng(H * 7 + Kv)
     d, S = 16, 24
     cfg = gemma_config(num_heads=H, num_kv_heads=Kv, head_dim=d, attn_logit_softcap=cap,

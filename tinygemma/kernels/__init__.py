@@ -15,7 +15,7 @@ One file per concern:
   form they read;
 * ``gemm.py``: the prefill's matrix product over panels (many tokens at once), decoding each
   panel's column in registers once for 16 tokens;
-* ``attention.py``: attention over the KV cache, the prefill's masked softmax, RMSNorm, RoPE
+* ``attention.py``: attention over the KV cache, the prefill's attention, RMSNorm, RoPE
   and the GeGLU gate;
 * ``fast_model.py``: :class:`FastGemma`, which overrides six methods of :class:`Gemma`
   (``linear``, ``projections``, ``attend``, ``norm``, ``rope``, ``geglu``), and
@@ -28,10 +28,10 @@ of every file here: editing any of them recompiles all.
 """
 
 from ._llvm import _exp
-from .attention import (KEYS_PER_PART, attend_cache, geglu_rows, masked_softmax,
+from .attention import (KEYS_PER_PART, QUERIES, attend_cache, attend_prefill, geglu_rows,
                         rms_norm_rows, rope_rows)
-from .fast_model import (KEEP_F32_BYTES, QUERY_BLOCK, SMALL_T, FastGemma, PackedWeights,
-                         launch, tune_malloc)
+from .fast_model import (KEEP_F32_BYTES, SMALL_T, FastGemma, PackedWeights, launch,
+                         tune_malloc)
 from .gemm import gemm_panels
 from .matvec import (PANEL, TILE_ELEMS, Packed, _panel_dot, decode_panels, matvec_panels,
                      matvec_stored, release_pages, stored_bytes, to_panels)

@@ -2,7 +2,8 @@
 
 * ``attend_cache``: attention of a few new queries over the KV cache, multi-query aware: the
   keys and values of a shared KV head are read once for all the query heads of its group.
-* ``masked_softmax``: in a prefill, between two BLAS products, with a vectorised ``_exp``.
+* ``attend_prefill``: attention of a prefill's many queries, 16 at a time, each tile only
+  over the keys its queries may see, with a vectorised ``_exp``.
 * ``rms_norm_rows``, ``rope_rows``, ``geglu_rows``: RMSNorm, RoPE and the GeGLU gate in one
   pass each.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._llvm import FAST, JIT, _as_f32, _exp, f32
+from ._llvm import FAST, JIT, _as_f32, _exp, _lanes, f32
 
 KEYS_PER_PART = 64  # decode attention: split a KV head's keys over threads from 2 x this many
 
@@ -131,25 +132,178 @@ def _merge_ranges(maxes, sums, parts, out):
         out[j] = out[j] / total
 
 
+# ---- prefill attention: many queries ------------------------------------------------------
+QUERIES = 16  # prefill attention: queries per tile, 16 accumulators of 16 lanes (as gemm.py)
+
+
+@njit(inline="always", fastmath=FAST)
+def _scores_tile(qt, k, kh, s, d, lo, hi):
+    """``lo[16 r + l]`` (keys r = 0-7), ``hi[...]`` (8-15) = ``qt[:, l] . k[kh, s[r]]``: 16
+    queries (lanes, ``qt`` their ``[d, 16]`` transpose) times 16 keys, each key's element a
+    broadcast."""
+    _zero(lo, hi)
+    s0, s1, s2, s3, s4, s5, s6, s7 = s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]
+    s8, s9, s10, s11, s12, s13, s14, s15 = s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15]
+    for j in range(d):
+        _fma_tile(qt[j], _as_f32(k[kh, s0, j]), _as_f32(k[kh, s1, j]), _as_f32(k[kh, s2, j]),
+                  _as_f32(k[kh, s3, j]), _as_f32(k[kh, s4, j]), _as_f32(k[kh, s5, j]),
+                  _as_f32(k[kh, s6, j]), _as_f32(k[kh, s7, j]), _as_f32(k[kh, s8, j]),
+                  _as_f32(k[kh, s9, j]), _as_f32(k[kh, s10, j]), _as_f32(k[kh, s11, j]),
+                  _as_f32(k[kh, s12, j]), _as_f32(k[kh, s13, j]), _as_f32(k[kh, s14, j]),
+                  _as_f32(k[kh, s15, j]), lo, hi)
+
+
+@njit(inline="always", fastmath=FAST)
+def _fma_tile(w, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, lo, hi):
+    """``lo[16 r + l] += w[l] x_r`` (r < 8), ``hi[16 (r - 8) + l] += w[l] x_r``: 16 lanes of
+    ``w`` times 16 broadcasts, into 16 accumulators kept in registers."""
+    for lane in range(QUERIES):
+        a = _as_f32(w[lane])
+        lo[lane] += a * x0
+        lo[16 + lane] += a * x1
+        lo[32 + lane] += a * x2
+        lo[48 + lane] += a * x3
+        lo[64 + lane] += a * x4
+        lo[80 + lane] += a * x5
+        lo[96 + lane] += a * x6
+        lo[112 + lane] += a * x7
+        hi[lane] += a * x8
+        hi[16 + lane] += a * x9
+        hi[32 + lane] += a * x10
+        hi[48 + lane] += a * x11
+        hi[64 + lane] += a * x12
+        hi[80 + lane] += a * x13
+        hi[96 + lane] += a * x14
+        hi[112 + lane] += a * x15
+
+
+@njit(inline="always")
+def _tile_out(lo, hi, out, rows):
+    """``out[r, l]`` = the tile's sums ``lo[16 r + l]`` (r < 8), ``hi[16 (r - 8) + l]``, for
+    its first ``rows`` rows."""
+    for r in range(min(rows, 8)):
+        for lane in range(QUERIES):
+            out[r, lane] = lo[16 * r + lane]
+    for r in range(8, rows):
+        for lane in range(QUERIES):
+            out[r, lane] = hi[16 * (r - 8) + lane]
+
+
+@njit(inline="always")
+def _zero(lo, hi):
+    """Loops, not ``lo[:] = 0``: with a slice assignment LLVM kept the sums in memory."""
+    for lane in range(128):
+        lo[lane] = 0
+        hi[lane] = 0
+
+
 @njit(fastmath=FAST, **JIT)
-def masked_softmax(scores, T, pos0, first, window, scale, cap):
-    """In place: ``softmax(scores * scale)`` over the keys each query may see, 0 elsewhere.
+def _scores(qt, k, kh, s0, e):
+    """``e[m, l] = qt[:, l] . k[kh, s0 + m]``: a tile's 16 queries (``qt``, ``[d, 16]``) times
+    its keys, 16 at a time. A function of its own, not inlined: inside the large kernel LLVM
+    kept the sums in memory."""
+    n, d = e.shape[0], qt.shape[0]
+    lo, hi = _lanes(), _lanes()
+    idx = np.empty(QUERIES, np.int64)
+    for m0 in range(0, n, QUERIES):
+        for r in range(QUERIES):  # past the last key: the last again, its scores dropped
+            idx[r] = s0 + min(m0 + r, n - 1)
+        _scores_tile(qt, k, kh, idx, d, lo, hi)
+        _tile_out(lo, hi, e[m0:], min(QUERIES, n - m0))
 
-    scores ``[G * T, S]`` = q k^T of the G query heads of one KV head (row ``g * T + t`` is
-    query ``t`` at position ``pos0 + t``; column ``s`` the key at ``first + s``). Causal, and
-    within ``window`` keys when > 0; ``cap`` > 0 soft-caps (Gemma 2). The prefill twin of the
-    masking and softmax in ``layers.attention``.
+
+@njit(fastmath=FAST, **JIT)
+def _values(e, v, kh, s0, total, out):
+    """``out[i, j] = sum_m e[m, i] v[kh, s0 + m, j] / total[i]`` for the tile's queries
+    ``i < len(out)``: 16 dimensions of a value row (lanes) times the 16 queries' weights of
+    its key, each a broadcast (see ``_scores``). Value rows are read 16 elements at a time:
+    ``attend_prefill`` pads them to a multiple of 16."""
+    n, d = e.shape[0], out.shape[1]
+    lo, hi = _lanes(), _lanes()
+    sums = np.empty((QUERIES, QUERIES), np.float32)  # [query, dimension]
+    for j0 in range(0, d, QUERIES):
+        _zero(lo, hi)
+        for m in range(n):
+            x = e[m]
+            _fma_tile(v[kh, s0 + m, j0:], x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8],
+                      x[9], x[10], x[11], x[12], x[13], x[14], x[15], lo, hi)
+        _tile_out(lo, hi, sums, out.shape[0])
+        for i in range(out.shape[0]):
+            for j in range(min(QUERIES, d - j0)):  # the last 16: part padding
+                out[i, j0 + j] = sums[i, j] / total[i]
+
+
+@njit(fastmath=FAST, **JIT)
+def _softmax(e, s0, p0, queries, first, window, scale, cap, total):
+    """In place, ``e[m, i] = exp(e[m, i] * scale - max)`` over the keys ``s0 + m`` query ``i``
+    (at position ``p0 + i``; past ``queries``, the last query again) may see, 0 elsewhere, and
+    ``total[i]`` their sum: the softmax is ``e / total``. Down the keys, the 16 queries in
+    SIMD lanes."""
+    m = _lanes()  # per query: the max of its scores
+    seen0, seen1 = np.empty(QUERIES, np.int64), np.empty(QUERIES, np.int64)
+    for i in range(QUERIES):  # query i sees e's rows [seen0, seen1]
+        p = p0 + min(i, queries - 1)
+        seen0[i] = max(first, _first_key(p, window)) - s0
+        seen1[i] = p - s0
+        m[i] = -np.inf
+        total[i] = 0
+    for s in range(e.shape[0]):
+        for i in range(QUERIES):
+            x = e[s, i] * f32(scale)
+            if cap > 0:
+                x = f32(cap) * np.tanh(x / f32(cap))
+            x = x if seen0[i] <= s <= seen1[i] else f32(-np.inf)
+            e[s, i] = x
+            m[i] = max(m[i], x)
+    for s in range(e.shape[0]):
+        for i in range(QUERIES):
+            x = _exp(e[s, i] - m[i])  # exp(-inf) = 0: the keys not seen
+            e[s, i] = x
+            total[i] += x
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def attend_prefill(q, k, v, pos0, first, window, scale, cap, out):
+    """``softmax(q k^T * scale) v`` for many queries (a prefill), 16 at a time.
+
+    q ``[H, T, d]`` at positions ``pos0 + t``; k, v ``[K, S, d]`` the whole cache of one layer
+    (float32, or bfloat16 / float16 bits decoded in registers, as ``attend_cache``); out
+    ``[H, T, d]``. Query ``t`` sees keys ``first <= s <= pos0 + t`` and, with a ``window``
+    > 0, only ``s > pos0 + t - window``; ``cap`` > 0 soft-caps the scores (Gemma 2).
+
+    Parallel over tiles of 16 queries of one head. A tile multiplies only by the keys its
+    queries may see (about half of the causal square, a band of ``window`` keys on local
+    layers): its scores ``e[key, query]`` (16 queries side by side, so that the masked
+    softmax runs down the keys with the queries in SIMD lanes), then ``e^T v``. Both products
+    keep 16 x 16 sums in registers, as ``gemm.py`` does. The tiles of the first and the last
+    queries alternate, so that each thread's contiguous share of them costs about as much.
     """
-    for row in range(scores.shape[0]):
-        p = pos0 + row % T
-        lo = max(first, _first_key(p, window)) - first
-        _, total = _exp_span(scores[row], lo, p - first + 1, scale, cap)  # keys [lo, p] are seen
-        seen = scores[row, lo:p - first + 1]
-        for s in range(seen.shape[0]):
-            seen[s] = seen[s] / total
+    H, T, d = q.shape
+    G = H // k.shape[0]
+    tiles = -(-T // QUERIES)
+    if d % QUERIES:  # value rows are read 16 elements at a time: pad them with zeros
+        padded = np.zeros((v.shape[0], v.shape[1], d + QUERIES - d % QUERIES), v.dtype)
+        padded[:, :, :d] = v
+        v = padded
+    for task in prange(H * tiles):
+        h, j = task % H, task // H
+        b = j // 2 if j % 2 == 0 else tiles - 1 - j // 2  # first and last tiles alternate
+        kh, t0 = h // G, b * QUERIES
+        lo_key = max(first, _first_key(pos0 + t0, window))  # the first key the tile sees
+        n = pos0 + min(T, t0 + QUERIES) - lo_key  # keys up to its last query's
+        qt = np.empty((d, QUERIES), np.float32)  # the tile's queries, transposed
+        for i in range(QUERIES):  # past the last query: the last again, its output dropped
+            t = min(t0 + i, T - 1)
+            for j2 in range(d):
+                qt[j2, i] = q[h, t, j2]
+        e = np.empty((n, QUERIES), np.float32)  # [keys, queries]
+        _scores(qt, k, kh, lo_key, e)
+        total = np.empty(QUERIES, np.float32)  # per query: the sum of its exp
+        _softmax(e, lo_key, pos0 + t0, min(QUERIES, T - t0), first, window, scale, cap, total)
+        _values(e, v, kh, lo_key, total, out[h, t0:t0 + QUERIES])
 
 
-# ---- the elementwise layers (serial: in a prefill they run beside BLAS's threads) ---------
+# ---- the elementwise layers (serial: a prefill of bf16 weights runs them beside BLAS) ------
 @njit(fastmath=FAST, **JIT)
 def rms_norm_rows(x, scale, eps, out):
     """``out = x / sqrt(mean(x^2) + eps) * scale`` per row of x ``[R, N]``; ``scale = 1 + w``.

@@ -27,16 +27,14 @@ import numpy as np
 from numba import config as numba_config, set_num_threads
 
 from .. import layers as L
-from ..kv_cache import decode
 from ..model import Gemma, KVCache
 from ._llvm import f32
-from .attention import attend_cache, geglu_rows, masked_softmax, rms_norm_rows, rope_rows
+from .attention import attend_cache, attend_prefill, geglu_rows, rms_norm_rows, rope_rows
 from .gemm import gemm_chunks, gemm_panels
 from .matvec import TILE_ELEMS, Packed
 from .quant import FORMATS, STORED
 
 SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, the prefill's products
-QUERY_BLOCK = 128  # prefill attention: queries per block (see FastGemma._attend_blocks)
 KEEP_F32_BYTES = 512 << 20  # prefill keeps bf16/f16/f32 layer matrices in float32 if all fit
 STACKED = (("q", "k", "v"), ("gate", "up"))  # a layer's matrices of one input: one matvec
 
@@ -209,13 +207,13 @@ class FastGemma(Gemma):
     (``gemm_panels``), and matrices read as stored are decoded to float32 for BLAS: kept
     decoded when all the layers' fit in ``keep_f32_bytes``, else a tile of rows at a time.
     ``projections``: q, k, v (and gate, up) stacked, one matvec for each group.
-    ``attend``: a kernel over the cache for up to ``SMALL_T`` queries; for more, the products
-    on BLAS around an in-place masked softmax (when probabilities are wanted, the reference
+    ``attend``: a kernel over the cache for up to ``SMALL_T`` queries; for more, a kernel over
+    tiles of 16 queries (``attend_prefill``; when probabilities are wanted, the reference
     computes them beside it).
     ``norm``, ``rope``, ``geglu``: one pass each instead of several NumPy operations.
-    Kernels for decoded tokens and the prefill's products over panels run on all cores
-    (``TINYGEMMA_THREADS`` caps them); the prefill's other kernels (norms, softmax, decoding
-    tiles) run on the calling thread beside BLAS's threads.
+    Kernels for decoded tokens, the prefill's products over panels and its attention run on
+    all cores (``TINYGEMMA_THREADS`` caps them); the prefill's other kernels (norms, decoding
+    tiles) run on the calling thread, beside BLAS's threads for matrices read as stored.
     """
 
     def __init__(self, config, weights, tokenizer=None, quantize: str | None = None,
@@ -296,34 +294,6 @@ class FastGemma(Gemma):
         geglu_rows(gate, up, out)
         return out
 
-    def _attend_blocks(self, q, k, v, pos0, window, out):
-        """Prefill attention: q k^T and p v on BLAS, a block of queries at a time.
-
-        Queries ``[t0, t1)`` see keys up to position ``pos0 + t1 - 1`` and, on local layers,
-        none before ``pos0 + t0 - window + 1``: each block multiplies only by those keys
-        (about half of a causal square for 500 tokens, a band for long prompts on local
-        layers) and ``masked_softmax`` zeroes the rest of its rows. A compact cache's keys
-        and values are decoded to float32 for BLAS once per KV head, those of all the blocks
-        (a float32 cache is read as it is).
-        """
-        c = self.config
-        H, T, d = q.shape
-        K = c.num_kv_heads
-        G = H // K
-        scale, cap = float(c.attn_scale), float(c.attn_logit_softcap or 0.0)
-        first = int(L.first_key(pos0, window))  # the first key any query sees
-        for kh in range(K):
-            k_h, v_h = decode(k[kh, first:pos0 + T]), decode(v[kh, first:pos0 + T])  # [S, d]
-            for t0 in range(0, T, QUERY_BLOCK):
-                t1 = min(T, t0 + QUERY_BLOCK)
-                lo = int(L.first_key(pos0 + t0, window))  # the first key of the block's queries
-                hi = pos0 + t1  # keys [lo, hi)
-                qg = q[kh * G:(kh + 1) * G, t0:t1].reshape(G * (t1 - t0), d)  # [G*B, d]
-                scores = qg @ k_h[lo - first:hi - first].T  # [G*B, S_b]
-                masked_softmax(scores, t1 - t0, pos0 + t0, lo, window or 0, scale, cap)
-                pv = scores @ v_h[lo - first:hi - first]  # [G*B, d]
-                out[kh * G:(kh + 1) * G, t0:t1] = pv.reshape(G, t1 - t0, d)
-
     def attend(self, q, cache: KVCache, i: int, positions, want_probs: bool):
         """The kernels' output always, so that a traced or stepped pass computes what
         ``forward`` does; the probabilities, when wanted, from the reference. The cache is
@@ -335,13 +305,14 @@ class FastGemma(Gemma):
         pos0 = int(positions[0])
         first = int(L.first_key(pos0, window))
         out = np.empty(q.shape, np.float32)  # [H, T, d]
+        q = np.ascontiguousarray(q, dtype=np.float32)  # [H, T, d]
+        k, v = kernel_view(cache.k[i]), kernel_view(cache.v[i])  # [K, S, d] as stored
+        scale, cap = float(c.attn_scale), float(c.attn_logit_softcap or 0.0)
         if T > SMALL_T:
-            self._attend_blocks(q, cache.k[i], cache.v[i], pos0, window, out)
-            return out, probs
-        self._launch(attend_cache, np.ascontiguousarray(q, dtype=np.float32),
-                     kernel_view(cache.k[i]), kernel_view(cache.v[i]), pos0, first,
-                     window or 0, float(c.attn_scale), float(c.attn_logit_softcap or 0.0),
-                     self.threads, out)
+            self._launch(attend_prefill, q, k, v, pos0, first, window or 0, scale, cap, out)
+        else:
+            self._launch(attend_cache, q, k, v, pos0, first, window or 0, scale, cap,
+                         self.threads, out)
         return out, probs
 
 
