@@ -29,7 +29,8 @@ def load(path: str | os.PathLike, cache_bytes: int | None = None, fast: bool = T
     ``kv_dtype``: how KV caches store keys and values (``model.new_cache`` may override it per
     cache): "float32" (exact; the reference path's default), "bfloat16" or "float16" (half the
     bytes), or "auto" (the fast path's default: float32 while the weights plus a float32 cache
-    take at most 80% of the available memory, else bfloat16; docs/numerics.md).
+    take at most 80% of the available memory less 1 GB for the process, else bfloat16;
+    docs/numerics.md).
     """
     if kv_dtype is not None:
         check_kv_dtype(kv_dtype)
