@@ -175,6 +175,26 @@ def test_gemm_chunks_share_the_panels_evenly():
     assert gemm.gemm_chunks(128, 2) == 16
 
 
+@pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_K], ids=kind_id)
+@pytest.mark.parametrize("cols", [768, 1024])
+def test_gemm_rows_pads_rows_of_a_multiple_of_512(kind, cols):
+    """gemm_rows copies x (here a transposed view, as attention's heads are) into contiguous
+    rows, padded when their length is a multiple of 512; the product reads only the matrix's
+    columns, so it is the same on either, bit for bit."""
+    rng = np.random.default_rng(cols)
+    t = make_tensor(kind, 40, cols, rng)
+    p = K.Packed(t)
+    x = rng.standard_normal((cols, 20)).astype(np.float32).T  # [20, cols], not contiguous
+    rows = K.gemm_rows(x)
+    assert rows.flags.c_contiguous and rows.dtype == np.float32
+    assert rows.shape == (20, cols + (gemm.PAD if cols % 512 == 0 else 0))
+    np.testing.assert_array_equal(rows[:, :cols], x)
+    y, want = np.empty((20, 40), np.float32), np.empty((20, 40), np.float32)
+    gemm.gemm_panels(p.q, p.scale, p.shift, p.has_shift, rows, 2, y)
+    gemm.gemm_panels(p.q, p.scale, p.shift, p.has_shift, np.ascontiguousarray(x), 2, want)
+    np.testing.assert_array_equal(y, want)
+
+
 @pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_K, Q.Q6_K, "bf16", "f16", "f32"], ids=kind_id)
 @pytest.mark.parametrize("T", [1, K.SMALL_T + 1, 40])
 def test_fast_linear_every_T(kind, T, monkeypatch):

@@ -32,7 +32,7 @@ from .attention import (KEYS_PER_PART, QUERIES, attend_cache, attend_prefill, ge
                         rms_norm_rows, rope_rows)
 from .fast_model import (KEEP_F32_BYTES, SMALL_T, FastGemma, PackedWeights, launch,
                          tune_malloc)
-from .gemm import gemm_panels
+from .gemm import gemm_panels, gemm_rows
 from .matvec import (PANEL, TILE_ELEMS, Packed, _panel_dot, decode_panels, matvec_panels,
                      matvec_stored, release_pages, stored_bytes, to_panels)
 from .quant import (FORMATS, STORED, UNPACKED, decode_stored, quantize_int8_g32, unpack_k,

@@ -30,7 +30,7 @@ from .. import layers as L
 from ..model import Gemma, KVCache
 from ._llvm import f32
 from .attention import attend_cache, attend_prefill, geglu_rows, rms_norm_rows, rope_rows
-from .gemm import gemm_chunks, gemm_panels
+from .gemm import gemm_chunks, gemm_panels, gemm_rows
 from .matvec import TILE_ELEMS, Packed
 from .quant import FORMATS, STORED
 
@@ -235,16 +235,16 @@ class FastGemma(Gemma):
             return super().linear(x, name)  # a type without a kernel (Q3_K, ...): the reference
         w = self.packed.matrix(name)
         rows, cols = w.shape
-        x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
         T = x.shape[0]
+        if T > SMALL_T and w.kind not in STORED:  # panels: the kernel decodes in registers
+            y = np.empty((T, rows), np.float32)  # [T, out]
+            self._launch(gemm_panels, w.q, w.scale, w.shift, w.has_shift, gemm_rows(x),
+                         gemm_chunks(w.q.shape[0], self.threads), y)
+            return y
+        x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
         if T <= SMALL_T:
             y = np.empty((T, rows), np.float32)  # [T, out]
             self._launch(w.matvec, x, y)
-            return y
-        if w.kind not in STORED:  # panels: no float32 copy, the kernel decodes in registers
-            y = np.empty((T, rows), np.float32)  # [T, out]
-            self._launch(gemm_panels, w.q, w.scale, w.shift, w.has_shift, x,
-                         gemm_chunks(w.q.shape[0], self.threads), y)
             return y
         kept = self.packed.f32_t(name)
         if kept is not None:
