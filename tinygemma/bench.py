@@ -77,6 +77,7 @@ def bench(model, prompt_tokens: int = 500, new_tokens: int = 64, repeats: int = 
     model.forward(ids[:min(len(ids), 24)], cache=warm, last_only=True)
     model.forward(ids[:2], cache=warm, last_only=True)
     model.forward(ids[2:3], cache=warm, last_only=True)
+    del warm  # one KV cache at a time, as one generation holds: the peak RSS is a user's
     t0 = time.perf_counter()  # cold: the first long prompt
     model.forward(ids, cache=model.new_cache(len(ids)), last_only=True)
     cold = time.perf_counter() - t0
@@ -94,6 +95,7 @@ def bench(model, prompt_tokens: int = 500, new_tokens: int = 64, repeats: int = 
             logits = model.forward(np.array([token]), cache=cache, last_only=True)
         decode.append(time.perf_counter() - t0)
         generated = out
+        del cache  # before the next run's: one cache at a time
     return {
         "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
         "prefill_s": float(np.median(prefill)), "decode_s": float(np.median(decode)),
