@@ -101,3 +101,50 @@ def test_threads_share_a_model_with_compact_caches(tmp_path, kv_dtype):
     """Each thread's own compact cache, read by the attention kernels of both paths (prefill
     decodes it for BLAS, decode reads the stored bits) while the other thread's runs."""
     run_script(tmp_path, kv_dtype=kv_dtype, threads=3)
+
+
+BLAS_IDLE = """
+import os, sys, threading, time
+import numpy as np  # before tinygemma, as most notebooks do: OpenBLAS keeps its long spin
+
+a = np.ones((256, 256), np.float32)
+a @ a  # OpenBLAS's threads are up
+blas = set(os.listdir("/proc/self/task")) - {{str(threading.get_native_id())}}  # its workers
+
+def blas_cpu_ns():
+    # run time of OpenBLAS's workers, in ns (/proc/<pid>/task/<tid>/schedstat, first field)
+    return sum(int(open(f"/proc/self/task/{{t}}/schedstat").read().split()[0]) for t in blas)
+
+sys.path.insert(0, {tests!r})
+from tiny import write_gguf
+import tinygemma as tg
+model = tg.load(write_gguf({path!r}, qtype="Q8_0", hidden_size=256, intermediate_size=512,
+                           head_dim=64, num_attention_heads=4, num_key_value_heads=1))
+ids = np.random.default_rng(0).integers(0, 300, 300)
+model.forward(ids, last_only=True)  # kernels compiled or loaded
+a @ a
+time.sleep(1.0)  # OpenBLAS's workers spin ~0.1 s after a product, then sleep
+idle = blas_cpu_ns()
+model.forward(ids, last_only=True)  # a prefill: 300 tokens
+time.sleep(0.5)  # a worker woken would spin on for ~0.1 s: its run time counted by now
+after = blas_cpu_ns()
+a @ a
+time.sleep(0.5)
+woken = blas_cpu_ns()
+print("workers", len(blas), "prefill", after - idle, "product", woken - after)
+assert blas and after == idle < woken
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads Linux's /proc")
+def test_panel_prefill_leaves_openblas_threads_asleep(tmp_path):
+    """NumPy imported first (OpenBLAS's threads then spin ~0.1 s after each product, and took
+    the cores from the kernels' threads: a prefill 2x slower). A prefill over panels makes no
+    BLAS call, so OpenBLAS's sleeping workers get no CPU time at all during it; a product
+    afterwards wakes them (the probe sees BLAS work)."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2")  # at least one worker, on any machine
+    env.pop("OPENBLAS_THREAD_TIMEOUT", None)
+    code = textwrap.dedent(BLAS_IDLE).format(tests=str(TESTS), path=str(tmp_path / "m.gguf"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]

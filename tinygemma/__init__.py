@@ -8,10 +8,11 @@
 import os
 import sys
 
-# OpenBLAS's threads spin (yielding) for ~0.1 s after each matrix product, and the tokens decoded
-# right after a prefill then share the cores with them: ~2x slower kernels, ~5% off 64 tokens.
-# OpenBLAS reads this when NumPy loads it, so it takes effect when NumPy is not loaded yet (the
-# tinygemma command; or import tinygemma first). An explicit setting wins.
+# OpenBLAS's threads spin (yielding) for ~0.1 s after each matrix product, and the kernels'
+# threads then share the cores with them: ~2x slower kernels. The fast path over panels (GGUF
+# types, int8) makes no BLAS call; matrices read as stored (bf16, f16, f32) are multiplied on
+# BLAS in a prefill. OpenBLAS reads this when NumPy loads it, so it takes effect when NumPy is
+# not loaded yet (the tinygemma command; or import tinygemma first). An explicit setting wins.
 if "numpy" not in sys.modules:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # spin 2^4 cycles, then sleep
 
