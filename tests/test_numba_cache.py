@@ -133,3 +133,60 @@ def test_editing_a_helper_in_another_file_recompiles(tmp_path):
     assert "    if x < f32(-87.33654):" in text
     llvm.write_text(text.replace("    if x < f32(-87.33654):", "    if x < f32(1e30):"))
     assert run() == 1.0
+
+
+# A new process: imports the kernels (which install the release), reads how much of LLVM's
+# library is resident, compiles a function (LLVM runs), checks its result by hand, and reads
+# again. Prints: resident kB after the import, then after the compilation; clean mappings.
+LLVM_PROBE = """
+import numpy as np
+from numba import njit
+from tinygemma import kernels, numba_cache
+
+def resident_kb():
+    ranges = numba_cache._clean_llvm_mappings()
+    total, inside = 0, None
+    for line in open("/proc/self/smaps"):
+        field = line.split()
+        if "-" in field[0] and not field[0].endswith(":"):
+            lo = int(field[0].split("-")[0], 16)
+            inside = any(lo == start for start, _ in ranges)
+        elif field[0] == "Rss:" and inside:
+            total += int(field[1])
+    return total, len(ranges)
+
+before = resident_kb()
+
+@njit
+def triangle(n):  # 0 + 1 + ... + n - 1, compiled now: LLVM runs
+    s = 0
+    for i in range(n):
+        s += i
+    return s
+
+assert triangle(100) == 4950
+after = resident_kb()
+assert triangle(10) == 45
+print(before[0], after[0], after[1])
+"""
+
+
+def test_llvm_pages_leave_the_rss_after_a_compilation():
+    """Importing Numba maps tens of MB of LLVM's library in; once a kernel is compiled (or
+    loaded) the clean ones are released, and the compiled code still runs."""
+    if not os.path.exists("/proc/self/smaps"):
+        import pytest
+        pytest.skip("reads Linux's /proc/self/smaps")
+    env = dict(os.environ)
+    env.pop("TINYGEMMA_RELEASE_LLVM", None)
+    out = subprocess.run([sys.executable, "-c", LLVM_PROBE], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    before, after, mappings = map(int, out.stdout.split())
+    assert mappings >= 1 and before > 10_000  # kB: LLVM's initialisation touched > 10 MB
+    assert after < 1_000, (before, after)
+    env["TINYGEMMA_RELEASE_LLVM"] = "0"  # kept mapped: the compilation adds to it
+    out = subprocess.run([sys.executable, "-c", LLVM_PROBE], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[1]) > 10_000

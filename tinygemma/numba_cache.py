@@ -150,3 +150,81 @@ def is_cold(*modules) -> bool:
         return not any(c._cache_file._load_index() for c in caches)
     except Exception:  # Numba's internals changed: say nothing rather than guess
         return False
+
+
+# ---- LLVM's pages, once the kernels are loaded -----------------------------------------------
+LLVM_LIBRARY = "libllvmlite"  # llvmlite's one shared library: all of LLVM, ~180 MB of it
+_MADV_DONTNEED = 4  # Linux
+_llvm_ranges: list[tuple[int, int]] | None = None  # its clean mappings, found once
+
+
+def _clean_llvm_mappings() -> list[tuple[int, int]]:
+    """(start, length) of each mapping of LLVM's library that holds no private page: its
+    machine code and read-only data. Mappings the dynamic linker wrote (relocated pointers,
+    now read-only) and its writable data hold private pages and are left out."""
+    ranges, current = [], None
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                field = line.split(maxsplit=2)
+                if "-" in field[0] and not field[0].endswith(":"):  # a mapping's first line
+                    current = None
+                    if LLVM_LIBRARY in line and len(field) > 1 and not field[1].startswith("rw"):
+                        lo, hi = (int(x, 16) for x in field[0].split("-"))
+                        current = [lo, hi - lo, True]
+                        ranges.append(current)
+                elif current is not None and field[0] in ("Private_Dirty:", "Anonymous:"):
+                    current[2] = current[2] and int(field[1]) == 0
+    except OSError:
+        return []
+    return [(lo, n) for lo, n, clean in ranges if clean]
+
+
+def release_llvm_pages() -> int:
+    """Unmap LLVM's pages from this process's RSS; the bytes of the mappings it advised.
+
+    Numba goes through LLVM to load each cached kernel (its bitcode reader and linker) and
+    to compile; importing Numba runs LLVM's initialisation. That leaves ~70 MB of
+    libllvmlite.so mapped in, about the size of the demo's embedding panels' third, while a
+    forward pass never runs a line of LLVM (Numba calls the kernels' machine code). Only
+    mappings without a private page are advised (``MADV_DONTNEED``): code and read-only data
+    as in the file, which the kernel maps again from the page cache when LLVM next runs (a
+    kernel for new argument types). Linux only; elsewhere, and without ctypes, nothing."""
+    global _llvm_ranges
+    if not sys.platform.startswith("linux"):
+        return 0
+    if _llvm_ranges is None:
+        _llvm_ranges = _clean_llvm_mappings()
+    try:
+        import ctypes
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return 0
+    return sum(n for lo, n in _llvm_ranges if madvise(lo, n, _MADV_DONTNEED) == 0)
+
+
+def release_llvm_after_loading() -> None:
+    """From now on, release LLVM's pages (``release_llvm_pages``) whenever Numba has finished
+    loading or compiling a kernel: when this thread lets go of Numba's compiler lock, which
+    every load and compilation holds. Once per process; ``TINYGEMMA_RELEASE_LLVM=0`` keeps
+    them mapped."""
+    global _releasing
+    if _releasing or os.environ.get("TINYGEMMA_RELEASE_LLVM") == "0":
+        return
+    import numba.core.event as ev
+    from numba.core.compiler_lock import global_compiler_lock
+
+    class AfterLoading(ev.Listener):
+        def on_start(self, event):
+            pass
+
+        def on_end(self, event):  # the lock is let go: held still if this was a nested hold
+            if not global_compiler_lock.is_locked():
+                release_llvm_pages()
+
+    ev.register("numba:compiler_lock", AfterLoading())
+    _releasing = True
+
+
+_releasing = False

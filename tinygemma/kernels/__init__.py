@@ -27,6 +27,7 @@ track (numba issue 1833), :mod:`tinygemma.numba_cache` stamps each kernel's cach
 of every file here: editing any of them recompiles all.
 """
 
+from ..numba_cache import release_llvm_after_loading
 from ._llvm import _exp
 from .attention import (KEYS_PER_PART, QUERIES, attend_cache, attend_prefill, geglu_rows,
                         rms_norm_rows, rope_rows)
@@ -38,8 +39,10 @@ from .matvec import (PANEL, TILE_ELEMS, Packed, _panel_dot, decode_panels, matve
 from .quant import (FORMATS, STORED, UNPACKED, decode_stored, quantize_int8_g32, unpack_k,
                     unpack_q4_0, unpack_q5_0, unpack_q6_k, unpack_q8_0)
 
-# Process-wide, once: glibc's malloc thresholds (see tune_malloc; TINYGEMMA_MALLOPT=0 opts out).
-# Numba's thread count is set per calling thread, by launch().
+# Process-wide, once: glibc's malloc thresholds (see tune_malloc; TINYGEMMA_MALLOPT=0 opts out)
+# and LLVM's pages out of the RSS after each kernel is loaded (numba_cache.release_llvm_pages;
+# TINYGEMMA_RELEASE_LLVM=0 opts out). Numba's thread count is set per calling thread, by launch().
 tune_malloc()
+release_llvm_after_loading()
 
 __all__ = ["FastGemma", "FORMATS", "Packed", "PackedWeights", "attend_cache", "stored_bytes"]
