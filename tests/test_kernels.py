@@ -193,6 +193,11 @@ def test_gemm_rows_pads_rows_of_a_multiple_of_512(kind, cols):
     gemm.gemm_panels(p.q, p.scale, p.shift, p.has_shift, rows, 2, y)
     gemm.gemm_panels(p.q, p.scale, p.shift, p.has_shift, np.ascontiguousarray(x), 2, want)
     np.testing.assert_array_equal(y, want)
+    written = gemm.padded_rows(20, cols)  # rows a kernel fills (FastGemma.geglu), then a view
+    written[:, :cols] = x
+    assert (K.gemm_rows(written[:, :cols]) is written) == (cols % 512 == 0)  # no second copy
+    np.testing.assert_array_equal(K.gemm_rows(written[:, :cols])[:, :cols], x)
+    assert K.gemm_rows(written[:, 1:cols + 1]) is not written  # not its first columns: copied
 
 
 @pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_K, Q.Q6_K, "bf16", "f16", "f32"], ids=kind_id)
@@ -345,6 +350,10 @@ def test_norm_and_geglu_kernels_equal_layers(shape):
     up = rng.standard_normal(gate.shape).astype(np.float32)
     gate = gate.astype(np.float32)
     np.testing.assert_allclose(fast.geglu(gate, up), L.geglu(gate, up), rtol=1e-6, atol=1e-6)
+    for F in (shape[-1], 512):  # a prefill's rows (more than SMALL_T); 512: padded rows
+        gate = (rng.standard_normal((K.SMALL_T + 1, F)) * 4).astype(np.float32)
+        up = rng.standard_normal(gate.shape).astype(np.float32)
+        np.testing.assert_allclose(fast.geglu(gate, up), L.geglu(gate, up), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("H, T, d", [(4, 1, 256), (1, 7, 32), (8, 40, 128)])

@@ -30,7 +30,7 @@ from .. import layers as L
 from ..model import Gemma, KVCache
 from ._llvm import f32
 from .attention import attend_cache, attend_prefill, geglu_rows, rms_norm_rows, rope_rows
-from .gemm import gemm_chunks, gemm_panels, gemm_rows
+from .gemm import gemm_chunks, gemm_panels, gemm_rows, padded_rows
 from .matvec import TILE_ELEMS, Packed
 from .quant import FORMATS, STORED
 
@@ -241,11 +241,12 @@ class FastGemma(Gemma):
             self._launch(gemm_panels, w.q, w.scale, w.shift, w.has_shift, gemm_rows(x),
                          gemm_chunks(w.q.shape[0], self.threads), y)
             return y
-        x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
         if T <= SMALL_T:
+            x = np.ascontiguousarray(x, dtype=np.float32)  # [T, in]
             y = np.empty((T, rows), np.float32)  # [T, out]
             self._launch(w.matvec, x, y)
             return y
+        x = np.asarray(x, dtype=np.float32)  # [T, in]: BLAS reads strided rows as they are
         kept = self.packed.f32_t(name)
         if kept is not None:
             return x @ kept  # [T, in] @ [in, out]
@@ -290,9 +291,15 @@ class FastGemma(Gemma):
         return out
 
     def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        out = np.empty(gate.shape, np.float32)  # [T, F]
-        geglu_rows(gate, up, out)
-        return out
+        """In a prefill, into rows the down projection's product reads without a copy
+        (``gemm.padded_rows``; a view of their first ``F`` columns)."""
+        if gate.ndim != 2 or len(gate) <= SMALL_T:
+            out = np.empty(gate.shape, np.float32)  # [..., F]
+            geglu_rows(gate, up, out)
+            return out
+        rows = padded_rows(*gate.shape)  # [T, F (+ PAD)]
+        geglu_rows(gate, up, rows)  # writes [:, :F]
+        return rows[:, :gate.shape[1]]  # [T, F]
 
     def attend(self, q, cache: KVCache, i: int, positions, want_probs: bool):
         """The kernels' output always, so that a traced or stepped pass computes what

@@ -121,6 +121,18 @@ def gemm_rows(x: np.ndarray) -> np.ndarray:
     T, cols = x.shape
     if cols % 512:
         return np.ascontiguousarray(x, dtype=np.float32)
-    padded = np.empty((T, cols + PAD), np.float32)  # [T, cols + PAD]
+    base = x.base
+    if (isinstance(base, np.ndarray) and base.shape == (T, cols + PAD)
+            and base.dtype == x.dtype == np.float32 and base.flags.c_contiguous
+            and x.strides == base.strides and x.ctypes.data == base.ctypes.data):
+        return base  # x is padded_rows(T, cols)[:, :cols] already: no copy
+    padded = padded_rows(T, cols)
     padded[:, :cols] = x
     return padded
+
+
+def padded_rows(T: int, cols: int) -> np.ndarray:
+    """An empty ``[T, cols]`` float32 array for a product's input, with ``PAD`` more columns
+    when ``gemm_rows`` would pad it: a kernel that writes its ``[:, :cols]`` spares
+    ``gemm_rows`` the copy."""
+    return np.empty((T, cols + (0 if cols % 512 else PAD)), np.float32)  # [T, cols (+ PAD)]
