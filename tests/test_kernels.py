@@ -437,30 +437,6 @@ def test_tiny_model_long_cache_decode_equals_reference(family):
         assert np.abs(got[0] - want[j]).max() <= 1e-4 * np.abs(want[j]).max(), j
 
 
-def test_prefill_mlp_in_blocks_equals_reference(monkeypatch):
-    """A prompt of 2.4 blocks of ``MLP_ROWS`` tokens: the fast MLP runs in three blocks of 13
-    or 14 (none small enough for the matvec), and the logits are the reference's; a trace
-    still records the gate whole, ``[T, F]``, as the reference computes it."""
-    monkeypatch.setattr(fast_model, "MLP_ROWS", 16)
-    c = gemma_config(3, layer_types=LOCAL_GLOBAL)
-    tensors = tiny_weights(c, Q.Q8_0, seed=5)
-    ref, fast = Gemma(c, Weights(tensors)), K.FastGemma(c, Weights(tensors))
-    ids = np.random.default_rng(5).integers(0, c.vocab_size, 40)
-    rows = []  # tokens in each call of the down projection
-    linear = fast.linear
-    monkeypatch.setattr(fast, "linear", lambda x, name: (
-        rows.append(len(x)) if name.endswith("down") else None, linear(x, name))[1])
-    want = ref.forward(ids)
-    assert np.abs(fast.forward(ids) - want).max() <= 1e-4 * np.abs(want).max()
-    assert rows == [13, 13, 14] * c.num_layers
-    rows.clear()
-    gate = fast.trace(ids)["layers.1.gate"]
-    assert rows == [40] * c.num_layers
-    want_gate = ref.trace(ids)["layers.1.gate"]
-    assert gate.shape == (40, c.intermediate_size)
-    assert np.abs(gate - want_gate).max() <= 1e-4 * np.abs(want_gate).max()
-
-
 def test_fast_is_the_default_and_switchable(demo_path):
     import tinygemma as tg
     assert isinstance(tg.load(demo_path), K.FastGemma)

@@ -13,8 +13,7 @@ Gemma 2 and 3 add the "sandwich" norms on each sub-layer's output::
 Every projection goes through :meth:`Gemma.linear` (those of one input, q/k/v and gate/up,
 through :meth:`Gemma.projections`), the cached attention through :meth:`Gemma.attend`, every
 RMSNorm through :meth:`Gemma.norm`, RoPE through :meth:`Gemma.rope` and the MLP's gate through
-:meth:`Gemma.geglu`: the fast path (``kernels/``) overrides those six, and runs the prefill's
-MLP over blocks of tokens (the same operations, less memory).
+:meth:`Gemma.geglu`: the fast path (``kernels/``) overrides those six and nothing else.
 Shape legend as in ``layers.py``.
 """
 

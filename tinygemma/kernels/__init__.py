@@ -18,8 +18,8 @@ One file per concern:
 * ``attention.py``: attention over the KV cache, the prefill's attention, RMSNorm, RoPE
   and the GeGLU gate;
 * ``fast_model.py``: :class:`FastGemma`, which overrides six methods of :class:`Gemma`
-  (``linear``, ``projections``, ``attend``, ``norm``, ``rope``, ``geglu``) and runs the
-  prefill's MLP in blocks of tokens, and :class:`PackedWeights`, what they read, built once.
+  (``linear``, ``projections``, ``attend``, ``norm``, ``rope``, ``geglu``), and
+  :class:`PackedWeights`, what they read, built once.
 
 Every kernel is tested equal to its NumPy twin (``tests/test_kernels.py``). Numba caches the
 compiled kernels; as the kernels inline helpers from other files, which Numba's cache does not

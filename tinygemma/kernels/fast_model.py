@@ -4,9 +4,8 @@
 The reference path (``layers.py``, ``model.py``) decodes every weight matrix to float32 and
 multiplies with NumPy. :class:`FastGemma` overrides only :meth:`Gemma.linear`,
 :meth:`Gemma.projections` (q, k, v in one matvec, gate and up in another),
-:meth:`Gemma.attend`, :meth:`Gemma.norm`, :meth:`Gemma.rope` and :meth:`Gemma.geglu`, and
-runs the prefill's MLP over blocks of tokens (``MLP_ROWS``); the forward pass itself stays
-the readable one in ``model.py``. What the overrides read (packed
+:meth:`Gemma.attend`, :meth:`Gemma.norm`, :meth:`Gemma.rope` and :meth:`Gemma.geglu`; the
+forward pass itself stays the readable one in ``model.py``. What the overrides read (packed
 matrices, stacks, ``1 + w`` of the norms, float32 copies for prefill) lives in one
 :class:`PackedWeights`, which builds each piece once, when first used.
 
@@ -38,10 +37,6 @@ from .quant import FORMATS, STORED
 SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, the prefill's products
 KEEP_F32_BYTES = 512 << 20  # prefill keeps bf16/f16/f32 layer matrices in float32 if all fit
 STACKED = (("q", "k", "v"), ("gate", "up"))  # a layer's matrices of one input: one matvec
-# The prefill's MLP runs over blocks of about this many tokens: its gate, up and GeGLU output
-# ([T, F] float32 each, 12 MB at 500 tokens of the demo, 100 MB at 4000) are then a block's,
-# a few MB whatever the prompt, while each block still fills the product kernels' tiles.
-MLP_ROWS = 128
 
 _LAUNCHING = threading.Lock()
 _local = threading.local()  # per calling thread: the Numba thread count set there
@@ -280,21 +275,6 @@ class FastGemma(Gemma):
         y = np.empty((len(x), stack.shape[0]), np.float32)  # [T, sum of outs]
         self._launch(stack.matvec, x, y)
         return [np.ascontiguousarray(y[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-
-    def _mlp(self, i, x, at):
-        """The reference's MLP over blocks of about ``MLP_ROWS`` tokens, written into one
-        output; whole when a listener wants the gate or up (a trace, a hook, a step), so that
-        it sees them ``[T, F]``. Blocks of equal size, so none is small enough to take the
-        matvec path."""
-        p, T = f"layers.{i}.", len(x)
-        if T <= MLP_ROWS or at.wants(p + "gate") or at.wants(p + "up"):
-            return super()._mlp(i, x, at)
-        n = -(-T // MLP_ROWS)  # blocks
-        bounds = [T * b // n for b in range(n + 1)]
-        out = np.empty((T, x.shape[1]), np.float32)  # [T, D]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            out[a:b] = super()._mlp(i, x[a:b], at)  # [t, D] -> [t, F] -> [t, D]
-        return out
 
     def norm(self, x: np.ndarray, name: str) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)  # [..., N]
