@@ -173,6 +173,13 @@ def test_closed_pipe_is_quiet(tiny_gguf):
 
 
 # ---- Ctrl-C --------------------------------------------------------------------------------------
+def _sigint_default():
+    """In the child, before Python starts: Ctrl-C as at a terminal. A shell runs a background
+    job (``.ci/run &``) with SIGINT ignored, the child inherits that, and Python then leaves it
+    ignored: the generation would run all 2000 tokens and exit 0."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @needs_demo
 def test_ctrl_c_stops_generation_cleanly():
     """Ctrl-C in the middle of a long generation stops it within the token being computed
@@ -180,7 +187,8 @@ def test_ctrl_c_stops_generation_cleanly():
     seconds), with exit status 130, "[interrupted]" and no traceback."""
     p = subprocess.Popen([sys.executable, "-m", "tinygemma", "generate", "Once upon a time",
                           "--max-new-tokens", "2000", "--ignore-eos"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=_sigint_default)
     os.set_blocking(p.stdout.fileno(), False)
     got, t = b"", time.monotonic()
     while len(got) < 10 and time.monotonic() - t < 300 and p.poll() is None:
