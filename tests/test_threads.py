@@ -148,3 +148,30 @@ def test_panel_prefill_leaves_openblas_threads_asleep(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+PRELOAD = """
+import numpy as np
+import tinygemma as tg
+from tinygemma.kernels import attention, gemm
+
+kernels = [gemm.gemm_panels_g32, gemm.gemm_panels_g16, attention.attend_prefill]
+model = tg.load_demo()
+model.preloading.join()
+loaded = [list(k.signatures) for k in kernels]
+assert all(loaded), loaded  # the demo's Q5_0/Q8_0 (G=32), Q6_K (G=16), Q4_K, attention
+model.forward(np.arange(2, 8), cache=model.new_cache(8), last_only=True)
+model.forward(np.arange(2, 40), cache=model.new_cache(40), last_only=True)  # a prefill
+added = [[s for s in k.signatures if s not in was] for k, was in zip(kernels, loaded)]
+assert not any(added), added  # every kernel the prefill ran was loaded by the preload
+"""
+
+
+def test_the_preload_thread_loads_every_prefill_kernel_of_the_demo():
+    """``FastGemma``'s preload thread loads the prefill's kernels for exactly the model's
+    formats, in a fresh process: a prefill afterwards loads (or compiles) none."""
+    env = dict(os.environ)
+    env.pop("TINYGEMMA_PRELOAD", None)
+    r = subprocess.run([sys.executable, "-c", PRELOAD], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]

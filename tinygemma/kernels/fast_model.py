@@ -30,7 +30,7 @@ from .. import layers as L
 from ..model import Gemma, KVCache
 from ._llvm import f32
 from .attention import attend_cache, attend_prefill, geglu_rows, rms_norm_rows, rope_rows
-from .gemm import gemm_chunks, gemm_panels, gemm_rows, padded_rows
+from .gemm import gemm_chunks, gemm_kernel, gemm_panels, gemm_rows, padded_rows
 from .matvec import TILE_ELEMS, Packed
 from .quant import FORMATS, STORED
 
@@ -225,6 +225,42 @@ class FastGemma(Gemma):
         self.quantize = quantize
         self.packed = PackedWeights(weights, quantize, keep_f32_bytes, source)
         self.threads = thread_count()
+        self.preloading = None
+        if os.environ.get("TINYGEMMA_PRELOAD") != "0":
+            self.preloading = threading.Thread(target=self.preload, daemon=True,
+                                               name="tinygemma-preload")
+            self.preloading.start()
+
+    def preload(self) -> None:
+        """Load the prefill's kernels (Numba's cached machine code) for this model's formats.
+
+        A short prompt uses only the matvec kernels; the first long one would load the
+        products over panels (one per panel format) and the prefill's attention, ~20 ms.
+        ``FastGemma`` runs this in a thread when built, so that the loading overlaps the
+        vocabulary, the user's pause, the first short prompt (as llama.cpp sets up its compute
+        buffers at load); ``TINYGEMMA_PRELOAD=0`` turns it off. Numba's compiler lock makes it
+        safe beside a forward pass that needs the same kernel: the later one finds it loaded.
+        """
+        try:
+            kinds = {}  # one layer matrix of each tensor type: all of a type share a format
+            for name in sorted(self.packed.fast):
+                t = self.weights.tensors[name]
+                if name.startswith("layers.") and len(t.shape) == 2:  # norms: no product
+                    kinds.setdefault(t.kind, name)
+            for name in kinds.values():
+                w = self.packed.matrix(name)
+                if w.kind in STORED:  # multiplied by BLAS: no kernel to load
+                    continue
+                x = np.empty((1, w.shape[1]), np.float32)  # [T, in] as gemm_rows makes it
+                y = np.empty((1, w.shape[0]), np.float32)  # [T, out]
+                gemm_kernel(w.q, w.scale).compile(tuple(
+                    numba.typeof(a) for a in (w.q, w.scale, w.shift, w.has_shift, x, 1, y)))
+            c, cache = self.config, self.new_cache(1)
+            q = np.empty((c.num_heads, 1, c.head_dim), np.float32)  # [H, T, d]
+            attend_prefill.compile(tuple(numba.typeof(a) for a in (
+                q, kernel_view(cache.k[0]), kernel_view(cache.v[0]), 0, 0, 0, 1.0, 1.0, q)))
+        except Exception:  # noqa: BLE001  a forward that needs the kernel loads it, and says why not
+            pass
 
     def _launch(self, kernel, *args):
         """Run a parallel kernel from whichever thread calls (see :func:`launch`)."""

@@ -93,13 +93,17 @@ def _gemm_panels(G: int):
 gemm_panels_g32, gemm_panels_g16 = _gemm_panels(32), _gemm_panels(16)
 
 
+def gemm_kernel(qp, sp):
+    """The kernel of ``gemm_panels`` for panels ``qp`` with scales ``sp``: by the group size."""
+    cols = qp.shape[1] * (2 if qp.dtype == np.uint8 else 1)  # 4-bit panels: 2 weights a byte
+    return gemm_panels_g32 if cols // sp.shape[1] == 32 else gemm_panels_g16
+
+
 def gemm_panels(qp, sp, hp, has_shift, x, chunks, y):
     """``y[T, rows] = x[T, :cols] W^T`` for W in panels (``w = scale * q - shift``), float32
     sums; parallel over ``chunks`` chunks of panels. ``x`` may be wider than W (``gemm_rows``:
     its rows padded)."""
-    cols = qp.shape[1] * (2 if qp.dtype == np.uint8 else 1)  # 4-bit panels: 2 weights a byte
-    G = cols // sp.shape[1]
-    (gemm_panels_g32 if G == 32 else gemm_panels_g16)(qp, sp, hp, has_shift, x, chunks, y)
+    gemm_kernel(qp, sp)(qp, sp, hp, has_shift, x, chunks, y)
 
 
 def gemm_chunks(panels: int, threads: int) -> int:
