@@ -30,10 +30,11 @@ KV_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16
 AUTO = "auto"  # the fast path's default: float32 while it fits comfortably, else bfloat16
 COMFORTABLE = 0.8  # "auto" keeps float32 while weights + cache take at most this of the memory
 # Memory the process needs beside its weights and cache, kept out of what they may take. The
-# demo's peak RSS is 0.6 GB for 0.25 GB of stored weights: 0.10 GB the imports, 0.08 GB the
-# vocabulary, 0.30 GB its int8 panels (docs/performance.md); and one 512-position chunk of
-# logits over Gemma 3's 262,144 pieces is 0.5 GB more (evaluate.CHUNK). 1 GB covers these with
-# a margin; without it a cache filling the last 0.1 GB would be accepted, then swap or OOM.
+# demo's peak RSS is 0.42 GB for 0.25 GB of stored weights (its panels hold 0.28 GB; Numba,
+# Python and the vocabulary most of the rest: docs/performance.md), 0.47 GB with the tokenizer;
+# and one 512-position chunk of logits over Gemma 3's 262,144 pieces is 0.5 GB more
+# (evaluate.CHUNK). 1 GB covers these with a margin; without it a cache filling the last 0.1 GB
+# would be accepted, then swap or OOM.
 RESERVE = 1_000_000_000
 
 
