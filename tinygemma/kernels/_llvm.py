@@ -77,6 +77,25 @@ def _pow2(typingctx, n):
     return sig, codegen
 
 
+@intrinsic
+def _prefetch(typingctx, a, offset):
+    """Ask for the cache line at byte ``offset`` of array ``a``'s data to be loaded into the
+    caches (LLVM's ``llvm.prefetch``, x86 ``prefetcht0``): a hint that changes no result and
+    never faults."""
+    sig = types.void(a, types.intp)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        at = builder.gep(builder.bitcast(data, i8p), [args[1]])
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(fn, [at, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 # Numba has no float16 or bfloat16 arrays, so 16-bit floats are held as their bits, and the
 # integer type says which: uint16 for bfloat16, int16 for float16 (a view, no copy).
 def _as_f32(v):
