@@ -168,6 +168,38 @@ def test_gemm_panels_equals_decoded_product(kind, rows, blocks, T, chunks):
     assert_close_products(y, x, w)
 
 
+@pytest.mark.parametrize("kind", [Q.Q5_0, Q.Q4_K, Q.Q6_K, "int8-bf16"], ids=kind_id)
+@pytest.mark.parametrize("F, T, chunks", [(16, 9, 1), (48, 33, 2), (512, 20, 5)])
+def test_gemm_geglu_equals_geglu_of_the_products(kind, F, T, chunks):
+    """gemm_geglu over gate and up stacked (the prefill's MLP, FastGemma._mlp) writes exactly
+    geglu_rows of gemm_panels' two products (so a pass that looks at gate and up, which runs
+    those, computes what forward does), which is layers.geglu of x Wg^T and x Wu^T; in rows
+    wider than F (padded) it writes only the first F columns."""
+    rng = np.random.default_rng(F + T)
+    stored = kind.split("-")[1] if isinstance(kind, str) else kind
+    cols = 2 * (BLOCK[kind][0] if isinstance(kind, Q) else 32)
+    gate, up = make_tensor(stored, F, cols, rng), make_tensor(stored, F, cols, rng)
+    quantize = "int8" if isinstance(kind, str) else None
+    parts = [K.Packed(gate, quantize), K.Packed(up, quantize)]
+    ws = [np.empty((F, cols), np.float32) for _ in parts]  # the weights the products use
+    for p, w in zip(parts, ws):
+        p.decode(0, F, w)
+    stack = K.Packed.stacked(parts)
+    x = (rng.standard_normal((T, cols)) * 2).astype(np.float32)
+    out = np.full((T, F + 3), np.nan, np.float32)  # wider rows, as padded_rows gives
+    gemm.gemm_geglu(stack.q, stack.scale, stack.shift, stack.has_shift, x, chunks, out)
+    assert np.isnan(out[:, F:]).all()
+    g, u = (np.empty((T, F), np.float32) for _ in parts)
+    for p, y in zip(parts, (g, u)):
+        gemm.gemm_panels(p.q, p.scale, p.shift, p.has_shift, x, 2, y)
+    unfused = np.empty((T, F), np.float32)
+    K.geglu_rows(g, u, unfused)
+    np.testing.assert_array_equal(out[:, :F], unfused)
+    g64, u64 = (x.astype(np.float64) @ w.astype(np.float64).T for w in ws)
+    want = L.geglu(g64, u64)
+    np.testing.assert_allclose(out[:, :F], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
 def test_gemm_chunks_share_the_panels_evenly():
     assert gemm.gemm_chunks(1, 2) == 1  # never more chunks than panels
     assert gemm.gemm_chunks(16, 2) == 2
@@ -415,6 +447,41 @@ def test_tiny_model_fast_equals_reference(family, kind, keep):
     for j in range(3, len(ids)):
         got = fast.forward(ids[j:j + 1], cache=cache, last_only=True)
         assert np.abs(got[0] - want[j]).max() <= 1e-4 * scale, j
+
+
+@pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_K], ids=kind_id)
+def test_prefill_mlp_fused_unless_gate_or_up_is_looked_at(kind, monkeypatch):
+    """FastGemma._mlp: a prompt's MLP is one gemm_geglu per layer (no gate and up arrays),
+    except in layers where a hook, a trace or a stepped pass looks at gate or up; the logits
+    are the same bit for bit either way, and the reference's to float32 rounding."""
+    per = BLOCK[kind][0]
+    c = gemma_config(3, hidden_size=per, intermediate_size=2 * per, num_heads=4,
+                     num_kv_heads=1, head_dim=per // 4 if per > 32 else 32,
+                     layer_types=LOCAL_GLOBAL)
+    tensors = tiny_weights(c, kind, seed=5)
+    fast = K.FastGemma(c, Weights(tensors))
+    calls = []
+    fused = fast_model.gemm_geglu
+    monkeypatch.setattr(fast_model, "gemm_geglu", lambda *a: calls.append(a) or fused(*a))
+    ids = np.random.default_rng(5).integers(0, c.vocab_size, 12)
+    plain = fast.forward(ids)
+    assert len(calls) == c.num_layers
+    want = Gemma(c, Weights(tensors)).forward(ids)
+    assert np.abs(plain - want).max() <= 1e-4 * np.abs(want).max()
+    calls.clear()
+    hooked = fast.forward(ids, hooks={"layers.1.up": lambda v, n: None})
+    assert len(calls) == c.num_layers - 1  # layer 1's gate and up as model.py computes them
+    np.testing.assert_array_equal(hooked, plain)
+    calls.clear()
+    tape = fast.trace(ids)
+    stepper = fast.steps(ids)
+    stepper.run_to("logits")
+    assert not calls
+    assert tape["layers.0.gate"].shape == (len(ids), c.intermediate_size)
+    np.testing.assert_array_equal(tape["logits"], plain)
+    np.testing.assert_array_equal(stepper.logits, plain)
+    fast.forward(ids[:K.SMALL_T])  # a few tokens: the matvec kernels
+    assert not calls
 
 
 @pytest.mark.parametrize("family", [2, 3])

@@ -13,7 +13,8 @@ Gemma 2 and 3 add the "sandwich" norms on each sub-layer's output::
 Every projection goes through :meth:`Gemma.linear` (those of one input, q/k/v and gate/up,
 through :meth:`Gemma.projections`), the cached attention through :meth:`Gemma.attend`, every
 RMSNorm through :meth:`Gemma.norm`, RoPE through :meth:`Gemma.rope` and the MLP's gate through
-:meth:`Gemma.geglu`: the fast path (``kernels/``) overrides those six and nothing else.
+:meth:`Gemma.geglu`: the fast path (``kernels/``) overrides those six, and in a prefill whose
+gate and up nobody looks at, multiplies them and applies the GeGLU in one kernel (less memory).
 Shape legend as in ``layers.py``.
 """
 

@@ -14,11 +14,13 @@ One file per concern:
 * ``matvec.py``: panels of 16 rows, the matvec kernels, and :class:`Packed`, one matrix in the
   form they read;
 * ``gemm.py``: the prefill's matrix product over panels (many tokens at once), decoding each
-  panel's column in registers once for 16 tokens;
+  panel's column in registers once for 16 tokens, and the MLP's gate and up in one product
+  that writes their GeGLU;
 * ``attention.py``: attention over the KV cache, the prefill's attention, RMSNorm, RoPE
   and the GeGLU gate;
 * ``fast_model.py``: :class:`FastGemma`, which overrides six methods of :class:`Gemma`
-  (``linear``, ``projections``, ``attend``, ``norm``, ``rope``, ``geglu``), and
+  (``linear``, ``projections``, ``attend``, ``norm``, ``rope``, ``geglu``) and a prefill's
+  MLP, and
   :class:`PackedWeights`, what they read, built once.
 
 Every kernel is tested equal to its NumPy twin (``tests/test_kernels.py``). Numba caches the

@@ -333,18 +333,22 @@ def rope_rows(x, cos, sin, out):
                 out[h, t, half + j] = x2 * cos[t, half + j] + x1 * sin[t, half + j]
 
 
-@njit(fastmath=FAST, **JIT)
-def geglu_rows(gate, up, out):
-    """``out = gelu_tanh(gate) * up`` (``layers.geglu``), vectorised.
+@njit(inline="always", fastmath=FAST)
+def _geglu(x, u):
+    """``gelu_tanh(x) * u`` (``layers.geglu``) of one gate value ``x`` and up value ``u``.
 
     ``0.5 (1 + tanh z) = sigmoid(2z)``, so ``gelu_tanh(x) = x sigmoid(2z)`` with
     ``z = sqrt(2/pi) (x + 0.044715 x^3)``; the sigmoid comes from ``e = exp(-2|z|)``, which
     never overflows: ``1 / (1 + e)`` for ``z >= 0``, ``e / (1 + e)`` below."""
-    c = f32(np.sqrt(2.0 / np.pi))
+    z = f32(np.sqrt(2.0 / np.pi)) * (x + f32(0.044715) * x * x * x)
+    e = _exp(f32(-2) * abs(z))
+    s = (f32(1) if z >= 0 else e) / (f32(1) + e)
+    return x * s * u
+
+
+@njit(fastmath=FAST, **JIT)
+def geglu_rows(gate, up, out):
+    """``out = gelu_tanh(gate) * up`` (``layers.geglu``), vectorised (``_geglu``)."""
     for r in range(gate.shape[0]):
         for j in range(gate.shape[1]):
-            x = gate[r, j]
-            z = c * (x + f32(0.044715) * x * x * x)
-            e = _exp(f32(-2) * abs(z))
-            s = (f32(1) if z >= 0 else e) / (f32(1) + e)
-            out[r, j] = x * s * up[r, j]
+            out[r, j] = _geglu(gate[r, j], up[r, j])

@@ -4,8 +4,9 @@
 The reference path (``layers.py``, ``model.py``) decodes every weight matrix to float32 and
 multiplies with NumPy. :class:`FastGemma` overrides only :meth:`Gemma.linear`,
 :meth:`Gemma.projections` (q, k, v in one matvec, gate and up in another),
-:meth:`Gemma.attend`, :meth:`Gemma.norm`, :meth:`Gemma.rope` and :meth:`Gemma.geglu`; the
-forward pass itself stays the readable one in ``model.py``. What the overrides read (packed
+:meth:`Gemma.attend`, :meth:`Gemma.norm`, :meth:`Gemma.rope` and :meth:`Gemma.geglu`, and
+the MLP (``Gemma._mlp``) of a prefill that does not look at gate and up, whose product writes
+their GeGLU (``gemm_geglu``); the forward pass itself stays the readable one in ``model.py``. What the overrides read (packed
 matrices, stacks, ``1 + w`` of the norms, float32 copies for prefill) lives in one
 :class:`PackedWeights`, which builds each piece once, when first used.
 
@@ -30,7 +31,7 @@ from .. import layers as L
 from ..model import Gemma, KVCache
 from ._llvm import f32
 from .attention import attend_cache, attend_prefill, geglu_rows, rms_norm_rows, rope_rows
-from .gemm import gemm_chunks, gemm_kernel, gemm_panels, gemm_rows, padded_rows
+from .gemm import gemm_chunks, gemm_geglu, gemm_kernel, gemm_panels, gemm_rows, padded_rows
 from .matvec import TILE_ELEMS, Packed
 from .quant import FORMATS, STORED
 
@@ -211,6 +212,7 @@ class FastGemma(Gemma):
     tiles of 16 queries (``attend_prefill``; when probabilities are wanted, the reference
     computes them beside it).
     ``norm``, ``rope``, ``geglu``: one pass each instead of several NumPy operations.
+    ``_mlp``: a prefill's gate and up in one product over panels that writes their GeGLU.
     Kernels for decoded tokens, the prefill's products over panels and its attention run on
     all cores (``TINYGEMMA_THREADS`` caps them); the prefill's other kernels (norms, decoding
     tiles) run on the calling thread, beside BLAS's threads for matrices read as stored.
@@ -235,7 +237,8 @@ class FastGemma(Gemma):
         """Load the prefill's kernels (Numba's cached machine code) for this model's formats.
 
         A short prompt uses only the matvec kernels; the first long one would load the
-        products over panels (one per panel format) and the prefill's attention, ~20 ms.
+        products over panels (one per panel format, and the MLP's ``gemm_geglu``) and the
+        prefill's attention, ~20 ms.
         ``FastGemma`` runs this in a thread when built, so that the loading overlaps the
         vocabulary, the user's pause, the first short prompt (as llama.cpp sets up its compute
         buffers at load); ``TINYGEMMA_PRELOAD=0`` turns it off. Numba's compiler lock makes it
@@ -255,6 +258,14 @@ class FastGemma(Gemma):
                 y = np.empty((1, w.shape[0]), np.float32)  # [T, out]
                 gemm_kernel(w.q, w.scale).compile(tuple(
                     numba.typeof(a) for a in (w.q, w.scale, w.shift, w.has_shift, x, 1, y)))
+            mlp = ("layers.0.gate", "layers.0.up")
+            if all(n in self.weights.tensors for n in mlp):  # the MLP's product (_mlp)
+                w = self.packed.stack(mlp)[0]
+                if w is not None:
+                    x = np.empty((1, w.shape[1]), np.float32)  # [T, D]
+                    y = np.empty((1, w.shape[0] // 2), np.float32)  # [T, F]
+                    gemm_kernel(w.q, w.scale, geglu=True).compile(tuple(
+                        numba.typeof(a) for a in (w.q, w.scale, w.shift, w.has_shift, x, 1, y)))
             c, cache = self.config, self.new_cache(1)
             q = np.empty((c.num_heads, 1, c.head_dim), np.float32)  # [H, T, d]
             attend_prefill.compile(tuple(numba.typeof(a) for a in (
@@ -311,6 +322,25 @@ class FastGemma(Gemma):
         y = np.empty((len(x), stack.shape[0]), np.float32)  # [T, sum of outs]
         self._launch(stack.matvec, x, y)
         return [np.ascontiguousarray(y[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _mlp(self, i, x, at):
+        """For a prompt's many tokens, gate and up in one product over their stack that
+        writes their GeGLU (``gemm.gemm_geglu``) into rows the down product reads without a
+        copy: the MLP holds one ``[T, F]`` array instead of three. A pass that looks at
+        gate or up (a trace, a hook on them, a stepped pass) takes ``Gemma._mlp``, as does
+        a stack without panels (bf16 read as stored, mixed formats)."""
+        p = f"layers.{i}."
+        names = (p + "gate", p + "up")
+        if len(x) <= SMALL_T or at.wants(names[0]) or at.wants(names[1]):
+            return super()._mlp(i, x, at)
+        stack, bounds = self.packed.stack(names)
+        F = int(bounds[1])
+        if stack is None or bounds[2] != 2 * F:  # gate and up alike (a stack: whole panels)
+            return super()._mlp(i, x, at)
+        rows = padded_rows(len(x), F)  # [T, F (+ PAD)]
+        self._launch(gemm_geglu, stack.q, stack.scale, stack.shift, stack.has_shift,
+                     gemm_rows(x), gemm_chunks(stack.q.shape[0] // 2, self.threads), rows)
+        return self.linear(rows[:, :F], p + "down")  # [T, F] -> [T, D]
 
     def norm(self, x: np.ndarray, name: str) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)  # [..., N]

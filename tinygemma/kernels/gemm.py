@@ -10,6 +10,9 @@ tokens' ``x`` for that column, each broadcast: 16 accumulators of 16 lanes (two 
 arrays, in registers), so the decoding costs 3 instructions per 16 multiply-adds. Measured on
 one core against OpenBLAS on the decoded float32 matrix: docs/performance.md.
 
+``gemm_geglu``: the MLP's gate and up, stacked, in one such product that applies the GeGLU
+as it writes its sums, so that a prefill holds neither gate's nor up's ``[T, F]`` output.
+
 Parallel over chunks of panels; each thread takes its chunk's panels for one block of 16
 tokens at a time, so that the block's ``x`` and the chunk's panels stay in its L2 cache.
 The 16 ``x`` values of a column are read from the rows of ``x`` where they are, each load a
@@ -24,6 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._llvm import FAST, JIT, _as_f32, _lanes, _q_at, f32
+from .attention import _geglu
 from .matvec import PANEL, _group_at
 
 TOKENS = 16  # tokens multiplied by each decoded column: 16 accumulators of 16 lanes
@@ -90,12 +94,45 @@ def _gemm_panels(G: int):
     return gemm
 
 
+def _gemm_geglu(G: int):
+    """The product over the stack of an MLP's gate and up (``Packed.stacked``: gate's panels,
+    then as many of up's), the GeGLU applied as the sums are written: a thread multiplies a
+    block of tokens by gate's panel ``p``, keeps the sums, multiplies by up's panel ``p``
+    and writes ``gelu_tanh(gate) * up``. A prefill's MLP then holds one ``[T, F]`` array
+    instead of three (gate, up and their GeGLU) and reads none of them back."""
+    @njit(parallel=True, fastmath=FAST, **JIT)
+    def gemm(qp, sp, hp, has_shift, x, chunks, out):
+        P, T = qp.shape[0] // 2, x.shape[0]  # gate's panels; up's are P + p
+        for ch in prange(chunks):
+            lo, hi, s = _lanes(), _lanes(), _lanes()
+            gate_lo, gate_hi = _lanes(), _lanes()  # the block's sums over gate's panel
+            i = np.empty(TOKENS, np.int64)  # the block's rows of x
+            for t0 in range(0, T, TOKENS):
+                for t in range(TOKENS):  # past the last token: the last again, its sums dropped
+                    i[t] = min(t0 + t, T - 1)
+                for p in range(ch * P // chunks, (ch + 1) * P // chunks):
+                    _panel_block(qp, sp, hp, has_shift, x, i, p, G, lo, hi, s)
+                    gate_lo[:] = lo
+                    gate_hi[:] = hi
+                    _panel_block(qp, sp, hp, has_shift, x, i, P + p, G, lo, hi, s)
+                    for t in range(min(TOKENS, T - t0)):
+                        for lane in range(PANEL):
+                            k = 16 * (t % 8) + lane
+                            out[t0 + t, PANEL * p + lane] = (
+                                _geglu(gate_lo[k], lo[k]) if t < 8 else _geglu(gate_hi[k], hi[k]))
+    return gemm
+
+
 gemm_panels_g32, gemm_panels_g16 = _gemm_panels(32), _gemm_panels(16)
+gemm_geglu_g32, gemm_geglu_g16 = _gemm_geglu(32), _gemm_geglu(16)
 
 
-def gemm_kernel(qp, sp):
-    """The kernel of ``gemm_panels`` for panels ``qp`` with scales ``sp``: by the group size."""
+def gemm_kernel(qp, sp, geglu: bool = False):
+    """The kernel of ``gemm_panels`` (``gemm_geglu`` with ``geglu``) for panels ``qp`` with
+    scales ``sp``: by the group size."""
     cols = qp.shape[1] * (2 if qp.dtype == np.uint8 else 1)  # 4-bit panels: 2 weights a byte
+    if geglu:
+        return gemm_geglu_g32 if cols // sp.shape[1] == 32 else gemm_geglu_g16
     return gemm_panels_g32 if cols // sp.shape[1] == 32 else gemm_panels_g16
 
 
@@ -104,6 +141,14 @@ def gemm_panels(qp, sp, hp, has_shift, x, chunks, y):
     sums; parallel over ``chunks`` chunks of panels. ``x`` may be wider than W (``gemm_rows``:
     its rows padded)."""
     gemm_kernel(qp, sp)(qp, sp, hp, has_shift, x, chunks, y)
+
+
+def gemm_geglu(qp, sp, hp, has_shift, x, chunks, out):
+    """``out[:, :F] = gelu_tanh(x Wg^T) * (x Wu^T)`` for gate and up stacked in panels
+    (``Packed.stacked``, ``F`` rows each, ``F`` a multiple of 16; ``out`` may be wider:
+    ``padded_rows``): float32 sums as ``gemm_panels``, the GeGLU as ``geglu_rows``; parallel
+    over ``chunks`` chunks of gate's panels (each with up's alike)."""
+    gemm_kernel(qp, sp, geglu=True)(qp, sp, hp, has_shift, x, chunks, out)
 
 
 def gemm_chunks(panels: int, threads: int) -> int:
