@@ -297,6 +297,31 @@ def test_attend_kernel_equals_reference(H, Kv, window, cap):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("H, d", [(4, 128), (2, 48)], ids=["padded", "not_padded"])
+def test_prefill_attention_output_feeds_o_without_a_copy(H, d):
+    """FastGemma.attend writes a prefill's heads ``[H, T, d]`` into rows ``[T, H*d]``, padded
+    when gemm_rows pads (H*d a multiple of 512): model.py's ``transpose + reshape`` for the o
+    product is a view of them and gemm_rows hands them over as they are. Values: the
+    reference's."""
+    rng = np.random.default_rng(H * d)
+    T = 20
+    cfg = gemma_config(num_heads=H, num_kv_heads=1, head_dim=d)
+    ref, fast = Gemma(cfg, Weights({})), K.FastGemma(cfg, Weights({}))
+    cache = KVCache(cfg, T)
+    cache.k[0][:] = rng.standard_normal(cache.k[0].shape)
+    cache.v[0][:] = rng.standard_normal(cache.v[0].shape)
+    q = rng.standard_normal((H, T, d)).astype(np.float32)
+    got, _ = fast.attend(q, cache, 0, np.arange(T), False)
+    np.testing.assert_allclose(got, ref.attend(q, cache, 0, np.arange(T), False)[0],
+                               rtol=1e-5, atol=1e-5)
+    heads = got.transpose(1, 0, 2).reshape(T, H * d)  # as model.py hands them to o
+    assert np.shares_memory(heads, got)  # a view: no copy of the heads
+    rows = K.gemm_rows(heads)
+    assert rows.shape == (T, H * d + (gemm.PAD if H * d % 512 == 0 else 0))
+    assert np.shares_memory(rows, got)  # the rows the kernel wrote, not a copy
+    np.testing.assert_array_equal(rows[:, :H * d], heads)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("H, Kv, T", [(4, 1, 1), (4, 1, 3), (4, 2, 2), (2, 2, 1)])
 @pytest.mark.parametrize("window, cap", [(0, 0.0), (150, 0.0), (0, 30.0), (1, 0.0), (150, 30.0)])
