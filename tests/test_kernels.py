@@ -120,6 +120,39 @@ def test_q4_k_panels_hold_two_weights_a_byte():
     assert np.array_equal(out, t.f32())
 
 
+def test_q5_0_panels_hold_five_bits_a_weight():
+    """Q5_0's values, q + 16 in [0, 32): 5 bits a weight in the panels (nibbles and a plane of
+    fifth bits; 0.625 + 2 / 32 bytes a weight with the float16 scales, against 1.0625 as int8),
+    read back bit for bit as gguf.quants' weights, and every value 0-31 occurs in the test."""
+    t = make_tensor(Q.Q5_0, 48, 512, np.random.default_rng(0))
+    p = K.Packed(t)
+    assert p.q.dtype == np.uint8 and p.q.shape == (3, 64, 5, 16)
+    assert p.nbytes == 48 * 512 * (5 / 8 + 2 / 32)
+    out = np.empty((48, 512), np.float32)
+    p.decode(0, 48, out)
+    assert np.array_equal(out.view(np.uint32), t.f32().view(np.uint32))
+    q = np.empty((48, 512), np.int8)
+    K.quant.unpack_q5_0(np.asarray(t.data), q, np.empty((48, 16), np.float32), None)  # no shift
+    assert set(np.unique(q)) == set(range(-16, 16))
+
+
+@pytest.mark.parametrize("kinds, fifth", [((Q.Q5_0, Q.Q5_0, Q.Q5_0), True),
+                                          ((Q.Q5_0, Q.Q5_0, Q.Q8_0), False)])
+def test_q5_0_stacks_in_5_bits_unless_a_part_is_int8(kinds, fifth):
+    """q, k, v all Q5_0: one stack of 5-bit panels. Gemma 3 270M's layers with a Q8_0 v: q
+    and k are held as int8 instead, so that one matvec still reads the three."""
+    rng = np.random.default_rng(1)
+    tensors = {f"w{i}": make_tensor(k, 32, 256, rng) for i, k in enumerate(kinds)}
+    model = K.FastGemma(gemma_config(), Weights(tensors))
+    stack, _ = model.packed.stack(tuple(tensors))
+    assert stack is not None and (stack.q.ndim == 4) == fifth
+    assert all((model.packed.matrix(n).q.ndim == 4) == fifth for n in ("w0", "w1"))
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    for (name, t), y in zip(tensors.items(), model.projections(x, *tensors)):
+        assert_close_products(y, x, t.f32())
+        assert_close_products(model.linear(x, name), x, t.f32())
+
+
 # ---- matvec: x W^T to float32 rounding ------------------------------------------------------
 def assert_close_products(got, x, w):
     """``got == x @ w.T`` up to float32 rounding of the sums (bound: sum of |x_j w_j|)."""

@@ -92,7 +92,7 @@ class Plan:
     """
 
     def __init__(self, tensors: dict, names, quantize: str | None, groups):
-        from .kernels.matvec import PANEL, panel_arrays, stackable, unpacking
+        from .kernels.matvec import PANEL, panel_arrays, stack_unpacking, unpacking
         self.tensors, self.quantize = tensors, quantize
         how = {}
         for n in sorted(names):
@@ -101,18 +101,16 @@ class Plan:
                 kind, h = unpacking(t, quantize)
                 if h is not None:
                     how[n] = kind, h
-
-        def fmt(n):
-            kind, h = how[n]
-            a = panel_arrays(h, *tensors[n].shape)
-            return (tensors[n].shape[1], np.dtype(a["q"][1]), a["scale"][0][1],
-                    np.dtype(a["scale"][1]), h.shift)
-
-        laid = []
+        laid, self.wide = [], set()  # wide: 5-bit weights in int8 panels, to stack
         for g in groups:
             g = tuple(g)
-            if all(n in how for n in g) and stackable([fmt(n) for n in g],
-                                                      [tensors[n].shape[0] for n in g]):
+            wide = (stack_unpacking([tensors[n] for n in g], quantize)
+                    if all(n in how for n in g) else None)
+            if wide is not None:
+                for n, w in zip(g, wide):
+                    how[n] = unpacking(tensors[n], quantize, w)
+                    if w:
+                        self.wide.add(n)
                 laid.append(g)
         grouped = {n for g in laid for n in g}
         laid += [(n,) for n in how if n not in grouped]
@@ -156,7 +154,8 @@ class Plan:
             p0 = 0
             for n in g:
                 p1 = p0 + -(-self.tensors[n].shape[0] // self.panel)
-                Packed(self.tensors[n], self.quantize, out={k: a[p0:p1] for k, a in arrays.items()})
+                Packed(self.tensors[n], self.quantize, out={k: a[p0:p1] for k, a in arrays.items()},
+                       wide=n in self.wide)
                 p0 = p1
 
     def packed(self, buf) -> tuple[dict, dict]:
@@ -203,7 +202,7 @@ def _build(path: str, key: bytes, plan: Plan, source: str) -> None:
     _remove_orphans(folder)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=SUFFIX)
     try:
-        os.ftruncate(fd, plan.size)  # reads as zeros: the 4-bit panels' nibbles are ORed in
+        os.ftruncate(fd, plan.size)  # reads as zeros: 4- and 5-bit panels' bits are ORed in
         buf = mmap.mmap(fd, plan.size, access=mmap.ACCESS_WRITE)
         try:
             plan.fill(buf)

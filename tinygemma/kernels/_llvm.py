@@ -112,25 +112,44 @@ def _as_f32_impl(v):
     return lambda v: f32(v)
 
 
-# A panel holds one int8 per weight, or for 4-bit types (Q4_K) two weights per uint8: the
-# weight at position c in the low nibble of byte c // 2 when c is even, in the high one if odd.
+# A panel holds one int8 per weight; for 4-bit types (Q4_K) two weights per uint8: the weight at
+# position c in the low nibble of byte c // 2 when c is even, in the high one if odd; for 5-bit
+# types (Q5_0, q in [-16, 16)) q + 16 in a 4-D uint8 array [P, n / 8, 5, 16]: each run of 8
+# positions takes 5 rows of 16 bytes, 4 of nibbles as above (position c = 8 g + r in row
+# r // 2) and one of fifth bits (bit r), read front to back.
+@njit(inline="always")
+def _q5_at(qp, p, g, r, lane):
+    """``q + 16`` (0 to 31) at position ``8 g + r`` of lane ``lane`` in 5-bit panel ``p``, as
+    float32; with ``r`` a constant, a few byte operations that the 16 lanes share."""
+    low = (qp[p, g, r >> 1, lane] >> (4 * (r & 1))) & 15
+    return f32(low | (((qp[p, g, 4, lane] >> r) & 1) << 4))
+
+
 def _q_at(qp, p, c, lane):
     """The weight at position ``c`` of lane ``lane`` in panel ``p``, as float32."""
 
 
 @overload(_q_at)
 def _q_at_impl(qp, p, c, lane):
+    if qp.ndim == 4:
+        return lambda qp, p, c, lane: _q5_at(qp, p, c >> 3, c & 7, lane) - f32(16)
     if qp.dtype == types.uint8:
         return lambda qp, p, c, lane: f32((qp[p, c >> 1, lane] >> (4 * (c & 1))) & 15)
     return lambda qp, p, c, lane: f32(qp[p, c, lane])
 
 
 def _q_put(qp, p, c, lane, v):
-    """Store weight ``v`` at position ``c`` (a nibble panel must start zeroed)."""
+    """Store weight ``v`` at position ``c`` (a 4- or 5-bit panel must start zeroed)."""
 
 
 @overload(_q_put)
 def _q_put_impl(qp, p, c, lane, v):
+    if qp.ndim == 4:
+        def put5(qp, p, c, lane, v):
+            g, k, u = c >> 3, c & 7, v + 16
+            qp[p, g, k >> 1, lane] |= np.uint8((u & 15) << (4 * (k & 1)))
+            qp[p, g, 4, lane] |= np.uint8(((u >> 4) & 1) << k)
+        return put5
     if qp.dtype == types.uint8:
         def put(qp, p, c, lane, v):
             qp[p, c >> 1, lane] |= np.uint8((v & 15) << (4 * (c & 1)))

@@ -31,8 +31,9 @@ from .. import layers as L
 from ..model import Gemma, KVCache
 from ._llvm import f32
 from .attention import attend_cache, attend_prefill, geglu_rows, rms_norm_rows, rope_rows
-from .gemm import gemm_chunks, gemm_geglu, gemm_kernel, gemm_panels, gemm_rows, padded_rows
-from .matvec import TILE_ELEMS, Packed
+from .gemm import (gemm_chunks, gemm_geglu, gemm_kernel, gemm_panels, gemm_rows, padded_rows,
+                   unpack5)
+from .matvec import TILE_ELEMS, Packed, stack_unpacking
 from .quant import FORMATS, STORED
 
 SMALL_T = 8  # up to this many tokens, the matvec kernels; beyond, the prefill's products
@@ -182,9 +183,16 @@ class PackedWeights:
             self._map()
 
         def build():
-            stack = (Packed.stacked([self.matrix(n) for n in names])
-                     if all(n in self.fast for n in names) else None)
-            return stack, np.cumsum([0] + [self.weights.tensors[n].shape[0] for n in names])
+            tensors = [self.weights.tensors[n] for n in names]
+            bounds = np.cumsum([0] + [t.shape[0] for t in tensors])
+            wide = (stack_unpacking(tensors, self.quantize)
+                    if all(n in self.fast for n in names) else None)
+            if wide is None:
+                return None, bounds
+            for n, t, w in zip(names, tensors, wide):
+                if w:  # 5-bit weights in int8 panels, as the others (replacing a 5-bit one)
+                    self.matrices[n] = Packed(t, self.quantize, wide=True)
+            return Packed.stacked([self.matrix(n) for n in names]), bounds
         return self._once(self.stacks, names, build)
 
     def norm_scale(self, name: str) -> np.ndarray:
@@ -256,16 +264,18 @@ class FastGemma(Gemma):
                     continue
                 x = np.empty((1, w.shape[1]), np.float32)  # [T, in] as gemm_rows makes it
                 y = np.empty((1, w.shape[0]), np.float32)  # [T, out]
-                gemm_kernel(w.q, w.scale).compile(tuple(
-                    numba.typeof(a) for a in (w.q, w.scale, w.shift, w.has_shift, x, 1, y)))
+                q = self._int8_like(w.q)
+                gemm_kernel(q, w.scale).compile(tuple(
+                    numba.typeof(a) for a in (q, w.scale, w.shift, w.has_shift, x, 1, y)))
             mlp = ("layers.0.gate", "layers.0.up")
             if all(n in self.weights.tensors for n in mlp):  # the MLP's product (_mlp)
                 w = self.packed.stack(mlp)[0]
                 if w is not None:
                     x = np.empty((1, w.shape[1]), np.float32)  # [T, D]
                     y = np.empty((1, w.shape[0] // 2), np.float32)  # [T, F]
-                    gemm_kernel(w.q, w.scale, geglu=True).compile(tuple(
-                        numba.typeof(a) for a in (w.q, w.scale, w.shift, w.has_shift, x, 1, y)))
+                    q = self._int8_like(w.q)
+                    gemm_kernel(q, w.scale, geglu=True).compile(tuple(
+                        numba.typeof(a) for a in (q, w.scale, w.shift, w.has_shift, x, 1, y)))
             c, cache = self.config, self.new_cache(1)
             q = np.empty((c.num_heads, 2, c.head_dim), np.float32)  # [H, T, d]
             attend_prefill.compile(tuple(numba.typeof(a) for a in (
@@ -273,6 +283,16 @@ class FastGemma(Gemma):
                 heads_in_rows(*q.shape))))
         except Exception:  # noqa: BLE001  a forward that needs the kernel loads it, and says why not
             pass
+
+    @staticmethod
+    def _int8_like(qp: np.ndarray) -> np.ndarray:
+        """Panels of the type a product reads for ``qp`` (``gemm.int8_panels``: 5-bit ones
+        unpacked to int8, whose kernel this loads), empty: for compiling ahead."""
+        if qp.ndim != 4:
+            return qp
+        q = np.empty((0, 8 * qp.shape[1], qp.shape[-1]), np.int8)  # [P, n, 16]
+        unpack5.compile((numba.typeof(qp), numba.typeof(q)))
+        return q
 
     def _launch(self, kernel, *args):
         """Run a parallel kernel from whichever thread calls (see :func:`launch`)."""

@@ -3,8 +3,8 @@
 Decoding one token is a matrix-vector product per projection, which reads every weight once;
 float32 copies would make it read 2x (bf16) to 7x (4-bit) more bytes. So these kernels read
 compact weights and decode them in registers, inside the dot product: bf16, float16 and
-float32 as stored (``matvec_stored``), the GGUF block types unpacked once to int8 panels
-(``matvec_panels``). Parallel over panels or chunks of rows (``prange``), float32
+float32 as stored (``matvec_stored``), the GGUF block types unpacked once to panels of int8,
+5- or 4-bit values (``matvec_panels``). Parallel over panels or chunks of rows (``prange``), float32
 accumulation; the weights are exactly those of the reference path, only the order of the
 additions differs (``fastmath`` reassociation, which lets LLVM vectorise the sums).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._llvm import FAST, JIT, _as_f32, _lanes, _prefetch, _q_at, _q_put, f32
+from ._llvm import FAST, JIT, _as_f32, _lanes, _prefetch, _q5_at, _q_at, _q_put, f32
 from .quant import STORED, UNPACKED, Unpacking, decode_stored, quantize_int8_g32
 
 TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3 cache
@@ -35,6 +35,14 @@ TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3
 # Scales that are float16 in the file (Q8_0, Q5_0, Q4_0) stay float16 (int16 bits), 2 bytes.
 # Q4_K's values, 0 to 15, are stored two a byte (``_q_at``): the same loop, a shift and a mask
 # more per byte, half the bytes (0.75 bytes a weight with the scales, against 1.25 as int8).
+# Q5_0's values, 0 to 31 with its offset of 16 left out (``w = d (q - 16)``), take 5 bits: for
+# each run of 8 positions, 4 rows of nibbles as Q4_K's and a row of the fifth bits (``_q5_at``),
+# 0.69 bytes a weight with the scales against 1.06 as int8. ``_panel_dot5`` reads a run a step,
+# so every shift is a constant and LLVM decodes the 16 lanes with byte operations (GFNI's bit
+# matrix where the CPU has it): about two instructions more per 16 weights. The offset costs
+# nothing per weight: ``sum_j d (q_j - 16) x_j = d (sum_j q_j x_j - 16 sum_j x_j)``, with x's
+# sums per group computed once. From memory, as decoding reads it, the 5-bit matvec is faster
+# (35% fewer bytes); in cache, 5-10% slower (docs/performance.md).
 # Timings against the row-major kernel: docs/performance.md.
 
 PANEL = 16  # rows per panel: a SIMD register of float32 (AVX-512), or two (AVX2)
@@ -52,7 +60,8 @@ def _group_at(b, G, nb):
 @njit(**JIT)
 def to_panels(q, scale, shift, has_shift, r0, qp, sp, hp):
     """Rows ``r0 + i`` of unpacked ``q [rows, n]``, ``scale``, ``shift [rows, n / G]`` into
-    panels ``qp [P, n, 16]`` (int8; or uint8 ``[P, n / 2, 16]``, zeroed, for 4-bit ``q``),
+    panels ``qp [P, n, 16]`` (int8; or, zeroed, uint8 ``[P, n / 2, 16]`` for 4-bit ``q`` and
+    ``[P, n / 8, 5, 16]`` for Q5_0's),
     ``sp``, ``hp [P, n / G, 16]`` (``r0`` a multiple of 16)."""
     n, nb = q.shape[1], scale.shape[1]
     G = n // nb
@@ -170,11 +179,78 @@ def _matvec_panels(G: int):
 matvec_panels_g32, matvec_panels_g16 = _matvec_panels(32), _matvec_panels(16)
 
 
+@njit(inline="always", fastmath=FAST)
+def _panel_dot5(qp, sp, xs, x, t, p, acc):
+    """``_panel_dot`` for 5-bit panels (Q5_0, groups of 32; no shift): ``w = scale * (q - 16)``
+    with ``xs[t, b]`` 16 times group ``b``'s sum of ``x[t]``. A step reads a run of 8
+    positions, two columns of each of the four groups, so that every shift is a constant."""
+    G, nb = 32, sp.shape[1]
+    acc[64:80] = 0
+    b = 0
+    while b + 4 <= nb:
+        acc[:64] = 0
+        o = G * b
+        _fetch_next(sp, p, b)
+        for j in range(0, G, 2):
+            g = (o + 4 * j) >> 3  # the run of positions o + 4 j ... o + 4 j + 7
+            x0, x1, x2, x3 = x[t, o + j], x[t, o + G + j], x[t, o + 2 * G + j], x[t, o + 3 * G + j]
+            x4, x5 = x[t, o + j + 1], x[t, o + G + j + 1]
+            x6, x7 = x[t, o + 2 * G + j + 1], x[t, o + 3 * G + j + 1]
+            for lane in range(PANEL):
+                acc[lane] += _q5_at(qp, p, g, 0, lane) * x0
+                acc[16 + lane] += _q5_at(qp, p, g, 1, lane) * x1
+                acc[32 + lane] += _q5_at(qp, p, g, 2, lane) * x2
+                acc[48 + lane] += _q5_at(qp, p, g, 3, lane) * x3
+                acc[lane] += _q5_at(qp, p, g, 4, lane) * x4
+                acc[16 + lane] += _q5_at(qp, p, g, 5, lane) * x5
+                acc[32 + lane] += _q5_at(qp, p, g, 6, lane) * x6
+                acc[48 + lane] += _q5_at(qp, p, g, 7, lane) * x7
+        for lane in range(PANEL):
+            acc[64 + lane] += ((_as_f32(sp[p, b, lane]) * (acc[lane] - xs[t, b])
+                                + _as_f32(sp[p, b + 1, lane]) * (acc[16 + lane] - xs[t, b + 1]))
+                               + (_as_f32(sp[p, b + 2, lane]) * (acc[32 + lane] - xs[t, b + 2])
+                                  + _as_f32(sp[p, b + 3, lane]) * (acc[48 + lane] - xs[t, b + 3])))
+        b += 4
+    while b < nb:  # groups after the last span of four: columns in order
+        acc[:16] = 0
+        for g in range(4 * b, 4 * b + 4):
+            o = 8 * g
+            for lane in range(PANEL):
+                for r in range(8):
+                    acc[lane] += _q5_at(qp, p, g, r, lane) * x[t, o + r]
+        for lane in range(PANEL):
+            acc[64 + lane] += _as_f32(sp[p, b, lane]) * (acc[lane] - xs[t, b])
+        b += 1
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def matvec_panels5(qp, sp, hp, has_shift, x, y):
+    """``_matvec_panels`` for 5-bit panels (Q5_0; no shift: ``hp``, ``has_shift`` unused)."""
+    P, T, R = qp.shape[0], x.shape[0], y.shape[1]
+    G, nb = 32, sp.shape[1]
+    xs = np.empty((T, nb), np.float32)  # 16 times x summed per group: the offset of q
+    for t in range(T):
+        for b in range(nb):
+            total = f32(0)
+            for j in range(G * b, G * b + G):
+                total += x[t, j]
+            xs[t, b] = f32(16) * total
+    for p in prange(P):
+        acc = _lanes()
+        for t in range(T):
+            _panel_dot5(qp, sp, xs, x, t, p, acc)
+            for lane in range(min(PANEL, R - PANEL * p)):  # the last panel: part padding
+                y[t, PANEL * p + lane] = acc[64 + lane]
+
+
 def matvec_panels(qp, sp, hp, has_shift, x, y):
     """``y[t] = W x[t]`` for W in panels (``w = scale * q - shift``, groups of 32 or 16);
     parallel over panels, float32 sums."""
-    G = x.shape[1] // sp.shape[1]
-    (matvec_panels_g32 if G == 32 else matvec_panels_g16)(qp, sp, hp, has_shift, x, y)
+    if qp.ndim == 4:  # 5-bit panels
+        kernel = matvec_panels5
+    else:
+        kernel = matvec_panels_g32 if x.shape[1] // sp.shape[1] == 32 else matvec_panels_g16
+    kernel(qp, sp, hp, has_shift, x, y)
 
 
 # ---- matvec over 16- and 32-bit floats, read as stored (memory-mapped) -------------------------
@@ -193,26 +269,50 @@ def matvec_stored(w, x, y):
                 y[t, r] = s
 
 
-def unpacking(tensor, quantize: str | None = None) -> tuple[str, Unpacking | None]:
+def unpacking(tensor, quantize: str | None = None, wide: bool = False
+              ) -> tuple[str, Unpacking | None]:
     """The kind :class:`Packed` gives ``tensor`` (``"int8"`` when ``quantize="int8"`` applies)
-    and how it is unpacked to panels; None: read as stored."""
+    and how it is unpacked to panels; None: read as stored. ``wide``: 5-bit weights (Q5_0) in
+    int8 panels, to be stacked with int8 ones (``stack_unpacking``)."""
     kind = getattr(tensor, "kind", "f32")
     if quantize == "int8" and kind in STORED and tensor.shape[1] % 32 == 0:
-        return "int8", Unpacking(unpack=None, group=32, shift=False, f16_scale=False,
-                                 nibbles=False)
+        return "int8", Unpacking(unpack=None, group=32, shift=False, f16_scale=False, bits=8)
     if kind in STORED:
         return kind, None
     if kind in UNPACKED:
-        return kind, UNPACKED[kind]
+        how = UNPACKED[kind]
+        return kind, how._replace(bits=8) if wide and how.bits == 5 else how
     raise ValueError(f"no fast kernel for weights of type {kind}; load with fast=False")
+
+
+def stack_unpacking(tensors: list, quantize: str | None = None) -> list[bool] | None:
+    """``wide`` for each of ``tensors`` (matrices of one input) so that their panels stack
+    (``stackable``): as their own types give them, else with 5-bit parts widened to int8 (the
+    demo's q, k are Q5_0 and v Q8_0 in half its layers: a single matvec for the three is
+    worth their few int8 bytes); None when they cannot stack."""
+    for wide in (False, True):
+        hows = [unpacking(t, quantize, wide) for t in tensors]
+        if all(h is not None for _, h in hows) and stackable(
+                [panel_format(h, *t.shape) for (_, h), t in zip(hows, tensors)],
+                [t.shape[0] for t in tensors]):
+            return [wide] * len(tensors)
+    return None
+
+
+def panel_format(how: Unpacking, rows: int, cols: int) -> tuple:
+    """What panels must share to be stacked: columns, the arrays' shapes past the panel axis
+    and types, the shift (``Packed.format`` of the panels ``how`` gives)."""
+    return (cols, how.shift) + tuple((shape[1:], np.dtype(dtype).str) for shape, dtype
+                                     in panel_arrays(how, rows, cols).values())
 
 
 def panel_arrays(how: Unpacking, rows: int, cols: int) -> dict[str, tuple[tuple, type]]:
     """Shapes and types of the panels of a ``[rows, cols]`` matrix (see :class:`Packed`):
     ``q``, ``scale`` and, for weights with a shift, ``shift``."""
     P, ng = -(-rows // PANEL), cols // how.group
-    arrays = {"q": ((P, cols // 2, PANEL), np.uint8) if how.nibbles else
-              ((P, cols, PANEL), np.int8),
+    q = {8: ((P, cols, PANEL), np.int8), 5: ((P, cols // 8, 5, PANEL), np.uint8),
+         4: ((P, cols // 2, PANEL), np.uint8)}
+    arrays = {"q": q[how.bits],
               "scale": ((P, ng, PANEL), np.int16 if how.f16_scale else np.float32)}
     if how.shift:
         arrays["shift"] = ((P, ng, PANEL), np.float32)
@@ -231,17 +331,20 @@ class Packed:
 
     bf16, float16 and float32 are read as stored (``data``). GGUF blocks, and bf16/f16/f32
     with ``quantize="int8"``, become panels (see ``to_panels``): ``q`` int8 ``[P, cols, 16]``
-    (uint8 ``[P, cols / 2, 16]``, two weights a byte, for Q4_K), ``scale`` (float16 bits as
+    (uint8 ``[P, cols / 2, 16]``, two weights a byte, for Q4_K; uint8 ``[P, cols / 8, 5, 16]``,
+    5 bits a weight, for Q5_0 unless ``wide``), ``scale`` (float16 bits as
     int16 for Q8_0/Q5_0/Q4_0, else float32) and, for Q4_K/Q5_K, ``shift``
     ``[P, cols / G, 16]``, where ``P = ceil(rows / 16)``.
     ``matvec(x, y)``: ``y[T, rows] = x[T, cols] W^T``; ``decode(r0, r1, out)``: rows
     ``[r0, r1)`` of W in float32, bit for bit the reference path's weights.
     """
 
-    def __init__(self, tensor, quantize: str | None = None, out: dict | None = None):
+    def __init__(self, tensor, quantize: str | None = None, out: dict | None = None,
+                 wide: bool = False):
         """``out``: arrays ``q``, ``scale``, ``shift`` shaped as ``panel_arrays`` says (views
-        of a panel cache file being written, zeroed) to unpack into instead of new ones."""
-        kind, how = unpacking(tensor, quantize)
+        of a panel cache file being written, zeroed) to unpack into instead of new ones;
+        ``wide``: 5-bit weights in int8 panels (see ``unpacking``)."""
+        kind, how = unpacking(tensor, quantize, wide)
         self.kind, self.shape = kind, tuple(tensor.shape)
         rows, cols = self.shape
         data = stored_bytes(tensor)
@@ -282,8 +385,8 @@ class Packed:
         has_shift, f16_scale = how.shift, how.f16_scale
         self.has_shift = has_shift
         if out is None:
-            # zeroed for 4-bit q: to_panels ORs the nibbles in
-            out = {k: (np.zeros if how.nibbles and k == "q" else np.empty)(shape, dtype)
+            # zeroed for 4- and 5-bit q: to_panels ORs the bits in
+            out = {k: (np.zeros if how.bits < 8 and k == "q" else np.empty)(shape, dtype)
                    for k, (shape, dtype) in panel_arrays(how, rows, cols).items()}
             for a in out.values():
                 a[-1] = 0  # the last panel's rows past the matrix: weight 0
@@ -305,7 +408,8 @@ class Packed:
         """What panels must share to be stacked (``stacked``); None if read as stored."""
         if self.kind in STORED:
             return None
-        return self.shape[1], self.q.dtype, self.scale.shape[1], self.scale.dtype, self.has_shift
+        arrays = (self.q, self.scale, self.shift)[:2 + self.has_shift]
+        return (self.shape[1], self.has_shift) + tuple((a.shape[1:], a.dtype.str) for a in arrays)
 
     @classmethod
     def stacked(cls, parts: list[Packed]) -> Packed | None:

@@ -193,14 +193,14 @@ class Unpacking(NamedTuple):
     group: int  # weights per scale
     shift: bool  # w = scale * q - shift (the k-quants' minimums), else w = scale * q
     f16_scale: bool  # the scales are float16 as stored: keep them so (2 bytes instead of 4)
-    nibbles: bool  # q in [0, 16): two per byte in the panels
+    bits: int  # bits a weight takes in the panels: 8 (int8), 5 (Q5_0's q + 16) or 4 (nibbles)
 
 
 # Unpacked once into panels, by kind.
-UNPACKED = {"Q8_0": Unpacking(unpack_q8_0, QK8_0, False, True, False),
-            "Q5_0": Unpacking(unpack_q5_0, QK5_0, False, True, False),
-            "Q4_0": Unpacking(unpack_q4_0, QK4_0, False, True, False),
-            "Q4_K": Unpacking(partial(unpack_k, fifth_bit=False), 32, True, False, True),
-            "Q5_K": Unpacking(partial(unpack_k, fifth_bit=True), 32, True, False, False),
-            "Q6_K": Unpacking(unpack_q6_k, 16, False, False, False)}
+UNPACKED = {"Q8_0": Unpacking(unpack_q8_0, QK8_0, False, True, 8),
+            "Q5_0": Unpacking(unpack_q5_0, QK5_0, False, True, 5),
+            "Q4_0": Unpacking(unpack_q4_0, QK4_0, False, True, 8),
+            "Q4_K": Unpacking(partial(unpack_k, fifth_bit=False), 32, True, False, 4),
+            "Q5_K": Unpacking(partial(unpack_k, fifth_bit=True), 32, True, False, 8),
+            "Q6_K": Unpacking(unpack_q6_k, 16, False, False, 8)}
 FORMATS = sorted(STORED) + sorted(UNPACKED)
