@@ -120,3 +120,22 @@ def test_loading_and_looking_up_rows_leave_no_file_pages_mapped(demo_path):
     assert _mapped_kb(table) == 0
     np.asarray(table[ids])  # through the map: pages come in
     assert _mapped_kb(table) > 400 * 4
+
+
+def test_metadata_arrays_are_views_of_the_file(tmp_path):
+    """Numeric metadata arrays (the vocabulary's scores and types: 2 MB for Gemma 3) are read
+    where the file lies, not copied into the process, and hold what gguf's reader reads."""
+    from tinygemma.checkpoints.gguf_header import read_gguf
+    path = write_gguf(tmp_path / "tiny.gguf")
+    f = read_gguf(str(path))
+    scores = f.metadata[gguf.Keys.Tokenizer.SCORES]
+    types = f.metadata[gguf.Keys.Tokenizer.TOKEN_TYPE]
+    for ours in (scores, types):
+        assert isinstance(ours, np.ndarray) and not ours.flags.owndata
+        assert np.shares_memory(ours, f.buf)
+    theirs = gguf.GGUFReader(str(path)).fields
+    for key, ours in ((gguf.Keys.Tokenizer.SCORES, scores),
+                      (gguf.Keys.Tokenizer.TOKEN_TYPE, types)):
+        field = theirs[key]
+        expected = np.concatenate([field.parts[i] for i in field.data])
+        np.testing.assert_array_equal(ours, expected)
