@@ -10,6 +10,9 @@ tokens' ``x`` for that column, each broadcast: 16 accumulators of 16 lanes (two 
 arrays, in registers), so the decoding costs 3 instructions per 16 multiply-adds. Measured on
 one core against OpenBLAS on the decoded float32 matrix: docs/performance.md.
 
+Q5_0's 5-bit panels are unpacked to a transient int8 copy for each product (``int8_panels``):
+the loop above then stays the int8 one.
+
 ``gemm_geglu``: the MLP's gate and up, stacked, in one such product that applies the GeGLU
 as it writes its sums, so that a prefill holds neither gate's nor up's ``[T, F]`` output.
 
