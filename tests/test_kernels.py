@@ -136,6 +136,35 @@ def test_q5_0_panels_hold_five_bits_a_weight():
     assert set(np.unique(q)) == set(range(-16, 16))
 
 
+@pytest.mark.parametrize("rows", [48, 37])
+def test_q6_k_panels_keep_int8_sub_scales_and_float16_super_scales(rows):
+    """Q6_K's scale ``d * sc`` (float16 d per 256 weights, int8 sc per 16): the panels keep sc
+    and d as stored, 1 + 18 / 256 bytes a weight against 1 + 4 / 16 with float32 scales, and
+    the weights read back are still gguf.quants' bit for bit (``f32(d) * f32(sc)`` is exact),
+    for every sub-scale byte and super-scales negative, subnormal and the largest float16;
+    the product over them (matvec, prefill) is x W^T."""
+    rng = np.random.default_rng(rows)
+    data = random_blocks(Q.Q6_K, rows, 1024, rng).reshape(rows, 4, 210)
+    data[:16, :, 192:208] = (np.arange(1024) % 256).reshape(16, 4, 16)  # every sub-scale byte
+    d = np.array([-3e-3, 6e-8, 6.1e-5, 65504], np.float16)  # negative, subnormals, the largest
+    data[:4, :, 208:210] = d.view(np.uint8).reshape(1, 4, 2)
+    t = GGUFTensor(data.reshape(rows, -1), Q.Q6_K, (rows, 1024))
+    p = K.Packed(t)
+    assert p.q.dtype == np.int8 and p.q.shape == (3, 1024, 16)
+    assert p.scale.dtype == np.int8 and p.scale.shape == (3, 4, 18, 16)
+    assert p.nbytes == 48 * 1024 * (1 + 18 / 256)
+    want = dequantize(data.reshape(rows, -1), Q.Q6_K)
+    out = np.full((rows, 1024), np.nan, np.float32)
+    p.decode(0, rows, out)
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+    x = rng.standard_normal((2, 1024)).astype(np.float32)
+    y, z = np.full((2, rows), np.nan, np.float32), np.full((2, rows), np.nan, np.float32)
+    p.matvec(x, y)
+    gemm.gemm_panels(p.q, p.scale, p.shift, p.has_shift, x, 2, z)
+    for got in (y, z):
+        assert_close_products(got, x, want)
+
+
 @pytest.mark.parametrize("kinds, fifth", [((Q.Q5_0, Q.Q5_0, Q.Q5_0), True),
                                           ((Q.Q5_0, Q.Q5_0, Q.Q8_0), False)])
 def test_q5_0_stacks_in_5_bits_unless_a_part_is_int8(kinds, fifth):

@@ -15,7 +15,7 @@ import numpy as np
 from llvmlite import ir
 from numba import carray, njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 from ..numba_cache import CACHE_DIR  # a writable cache folder, or None: decided before decorating
 
@@ -158,6 +158,51 @@ def _q_put_impl(qp, p, c, lane, v):
     def put_int8(qp, p, c, lane, v):
         qp[p, c, lane] = v
     return put_int8
+
+
+# A panel's scales: one per group of G columns and lane, ``[P, n / G, 16]``, float32 or float16
+# bits (int16); for Q6_K int8 ``[P, n / 256, 18, 16]``: for each super-block of 16 groups,
+# rows 0-15 the groups' int8 sub-scales, rows 16 and 17 the low and high bytes of the float16
+# super-scale ``d`` (the block's own order), the scale being ``f32(d) * f32(sc)``, exactly.
+def _scale_at(sp, p, b, lane):
+    """The scale of group ``b`` of lane ``lane`` in panel ``p``, as float32, exactly."""
+
+
+@overload(_scale_at)
+def _scale_at_impl(sp, p, b, lane):
+    if sp.ndim == 4:
+        def super_scaled(sp, p, b, lane):
+            k = b >> 4
+            d = _half(np.uint8(sp[p, k, 16, lane]), np.uint8(sp[p, k, 17, lane]))
+            return d * f32(sp[p, k, b & 15, lane])
+        return super_scaled
+    return lambda sp, p, b, lane: _as_f32(sp[p, b, lane])
+
+
+@register_jitable
+def _groups(sp):
+    """The groups of columns (scales per row) of panels with scales ``sp``."""
+    return sp.shape[1] * 16 if sp.ndim == 4 else sp.shape[1]
+
+
+def _scale_put(sp, p, lane, scale, i):
+    """Row ``i`` of row-major scales ``scale`` (``[rows, n / G]``; for Q6_K int8
+    ``[rows, n / 256, 18]``) into lane ``lane`` of panel ``p``."""
+
+
+@overload(_scale_put)
+def _scale_put_impl(sp, p, lane, scale, i):
+    if sp.ndim == 4:
+        def put_super(sp, p, lane, scale, i):
+            for k in range(sp.shape[1]):
+                for j in range(sp.shape[2]):
+                    sp[p, k, j, lane] = scale[i, k, j]
+        return put_super
+
+    def put(sp, p, lane, scale, i):
+        for b in range(sp.shape[1]):
+            sp[p, b, lane] = scale[i, b]
+    return put
 
 
 @njit(inline="always", fastmath=FAST)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._llvm import FAST, JIT, _as_f32, _lanes, _q5_at, _q_at, f32
+from ._llvm import FAST, JIT, _groups, _lanes, _q5_at, _q_at, _scale_at, f32
 from .attention import _geglu
 from .matvec import PANEL, _group_at
 
@@ -41,13 +41,13 @@ CHUNK = 8  # panels per chunk, about: a chunk's panels and a block's x fit in a 
 def _panel_block(qp, sp, hp, has_shift, x, i, p, G, lo, hi, s):
     """``lo[16 t + l]`` (tokens 0-7) and ``hi[...]`` (8-15) = row ``16 p + l`` of W times
     ``x[i[t]]``. ``G`` is a constant at each call, so the lane loops vectorise fully."""
-    nb = sp.shape[1]
+    nb = _groups(sp)
     lo[:] = 0
     hi[:] = 0
     for b in range(nb):
         start, step = _group_at(b, G, nb)
         for lane in range(PANEL):  # the group's scales and shifts, as float32 lanes
-            s[lane] = _as_f32(sp[p, b, lane])
+            s[lane] = _scale_at(sp, p, b, lane)
             s[PANEL + lane] = hp[p, b, lane] if has_shift else f32(0)
         for j in range(G):
             c, col = start + step * j, G * b + j  # where column col is stored
@@ -176,8 +176,8 @@ def gemm_kernel(qp, sp, geglu: bool = False):
     (``int8_panels``) with scales ``sp``: by the group size."""
     cols = qp.shape[1] * (2 if qp.dtype == np.uint8 else 1)  # 4-bit panels: 2 weights a byte
     if geglu:
-        return gemm_geglu_g32 if cols // sp.shape[1] == 32 else gemm_geglu_g16
-    return gemm_panels_g32 if cols // sp.shape[1] == 32 else gemm_panels_g16
+        return gemm_geglu_g32 if cols // _groups(sp) == 32 else gemm_geglu_g16
+    return gemm_panels_g32 if cols // _groups(sp) == 32 else gemm_panels_g16
 
 
 def gemm_panels(qp, sp, hp, has_shift, x, chunks, y):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._llvm import FAST, JIT, _as_f32, _lanes, _prefetch, _q5_at, _q_at, _q_put, f32
+from ._llvm import (FAST, JIT, _as_f32, _groups, _lanes, _prefetch, _q5_at, _q_at, _q_put,
+                    _scale_at, _scale_put, f32)
 from .quant import STORED, UNPACKED, Unpacking, decode_stored, quantize_int8_g32
 
 TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3 cache
@@ -33,6 +34,9 @@ TILE_ELEMS = 1 << 21  # float32 elements in one decoded tile (8 MB): fits the L3
 # busy), so inside each span of four groups the columns are stored in the order the loop reads
 # them, column ``G k + j`` of the span at ``4 j + k``: the matvec reads memory front to back.
 # Scales that are float16 in the file (Q8_0, Q5_0, Q4_0) stay float16 (int16 bits), 2 bytes.
+# Q6_K's, ``d * sc`` per group of 16 with ``d`` float16 per 256 and ``sc`` int8, stay as stored,
+# int8 ``[P, n / 256, 18, 16]`` (``_llvm._scale_at``): 1.1 bytes per group against a float32's
+# 4, the product computed in the kernels (exact in float32).
 # Q4_K's values, 0 to 15, are stored two a byte (``_q_at``): the same loop, a shift and a mask
 # more per byte, half the bytes (0.75 bytes a weight with the scales, against 1.25 as int8).
 # Q5_0's values, 0 to 31 with its offset of 16 left out (``w = d (q - 16)``), take 5 bits: for
@@ -62,8 +66,9 @@ def to_panels(q, scale, shift, has_shift, r0, qp, sp, hp):
     """Rows ``r0 + i`` of unpacked ``q [rows, n]``, ``scale``, ``shift [rows, n / G]`` into
     panels ``qp [P, n, 16]`` (int8; or, zeroed, uint8 ``[P, n / 2, 16]`` for 4-bit ``q`` and
     ``[P, n / 8, 5, 16]`` for Q5_0's),
-    ``sp``, ``hp [P, n / G, 16]`` (``r0`` a multiple of 16)."""
-    n, nb = q.shape[1], scale.shape[1]
+    ``sp``, ``hp [P, n / G, 16]`` (``r0`` a multiple of 16; Q6_K's ``scale`` and ``sp``:
+    ``q6_k_scales``' form, see ``_llvm._scale_at``)."""
+    n, nb = q.shape[1], _groups(sp)
     G = n // nb
     for i in range(q.shape[0]):
         p, lane = (r0 + i) // PANEL, (r0 + i) % PANEL
@@ -71,21 +76,21 @@ def to_panels(q, scale, shift, has_shift, r0, qp, sp, hp):
             start, step = _group_at(b, G, nb)
             for j in range(G):
                 _q_put(qp, p, start + step * j, lane, q[i, G * b + j])
-            sp[p, b, lane] = scale[i, b]
             if has_shift:
                 hp[p, b, lane] = shift[i, b]
+        _scale_put(sp, p, lane, scale, i)
 
 
 @njit(**JIT)
 def decode_panels(qp, sp, hp, has_shift, r0, r1, out):
     """Rows ``[r0, r1)`` as float32: ``w = scale * q - shift``, bit for bit the unpacked weights."""
-    n, nb = out.shape[1], sp.shape[1]
+    n, nb = out.shape[1], _groups(sp)
     G = n // nb
     for r in range(r0, r1):
         p, lane = r // PANEL, r % PANEL
         for b in range(nb):
             start, step = _group_at(b, G, nb)
-            s = _as_f32(sp[p, b, lane])
+            s = _scale_at(sp, p, b, lane)
             m = hp[p, b, lane] if has_shift else f32(0)
             for j in range(G):
                 out[r - r0, G * b + j] = s * _q_at(qp, p, start + step * j, lane) - m
@@ -101,18 +106,26 @@ def _fetch_next(a, p, b):
     short run in another array, 1-2 KB a panel, that it never picks up: each panel then waited
     for them. Fetching the next panel's ahead made the Q4_K matvec (o, float32 scales and
     shifts) 2.4x faster from memory on one thread, and Q6_K (down) 1.6x; the int8 matvecs with
-    float16 scales did not change (docs/performance.md)."""
+    float16 scales did not change (docs/performance.md). Q6_K's scales ``[P, nb / 16, 18, 16]``:
+    the super-block of groups ``b .. b + 15`` (288 bytes), when ``b`` is its first."""
     if p + 1 < a.shape[0]:
-        start = (p + 1) * a.strides[0] + b * a.strides[1]  # bytes
-        for line in range(start, start + 4 * a.strides[1], 64):  # 64-byte cache lines
-            _prefetch(a, line)
+        start = (p + 1) * a.strides[0]  # bytes
+        if a.ndim == 4:
+            if b % 16 == 0:
+                start += (b >> 4) * a.strides[1]
+                for line in range(start, start + a.strides[1] + 63, 64):  # each line it spans
+                    _prefetch(a, line)
+        else:
+            start += b * a.strides[1]
+            for line in range(start, start + 4 * a.strides[1], 64):  # 64-byte cache lines
+                _prefetch(a, line)
 
 
 @njit(inline="always", fastmath=FAST)
 def _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, G, acc):
     """``acc[64:80]`` = the 16 rows of panel ``p`` times ``x[t]``; ``acc[:64]`` are four
     groups' partial sums. ``G`` is a constant at each call, so the loops vectorise fully."""
-    nb = sp.shape[1]
+    nb = _groups(sp)
     acc[64:80] = 0
     b = 0
     while b + 4 <= nb:
@@ -130,10 +143,10 @@ def _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, G, acc):
                 acc[32 + lane] += _q_at(qp, p, c + 2, lane) * x2
                 acc[48 + lane] += _q_at(qp, p, c + 3, lane) * x3
         for lane in range(PANEL):
-            acc[64 + lane] += ((_as_f32(sp[p, b, lane]) * acc[lane]
-                                + _as_f32(sp[p, b + 1, lane]) * acc[16 + lane])
-                               + (_as_f32(sp[p, b + 2, lane]) * acc[32 + lane]
-                                  + _as_f32(sp[p, b + 3, lane]) * acc[48 + lane]))
+            acc[64 + lane] += ((_scale_at(sp, p, b, lane) * acc[lane]
+                                + _scale_at(sp, p, b + 1, lane) * acc[16 + lane])
+                               + (_scale_at(sp, p, b + 2, lane) * acc[32 + lane]
+                                  + _scale_at(sp, p, b + 3, lane) * acc[48 + lane]))
             if has_shift:  # sum_j (s q_j - m) x_j = s sum_j q_j x_j - m sum_j x_j
                 acc[64 + lane] -= ((hp[p, b, lane] * xs[t, b] + hp[p, b + 1, lane] * xs[t, b + 1])
                                    + (hp[p, b + 2, lane] * xs[t, b + 2]
@@ -145,7 +158,7 @@ def _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, G, acc):
             for lane in range(PANEL):
                 acc[lane] += _q_at(qp, p, j, lane) * x[t, j]
         for lane in range(PANEL):
-            acc[64 + lane] += _as_f32(sp[p, b, lane]) * acc[lane]
+            acc[64 + lane] += _scale_at(sp, p, b, lane) * acc[lane]
             if has_shift:
                 acc[64 + lane] -= hp[p, b, lane] * xs[t, b]
         b += 1
@@ -158,7 +171,7 @@ def _matvec_panels(G: int):
     @njit(parallel=True, fastmath=FAST, **JIT)
     def matvec(qp, sp, hp, has_shift, x, y):
         P, T, R = qp.shape[0], x.shape[0], y.shape[1]
-        nb = sp.shape[1]
+        nb = _groups(sp)
         xs = np.empty((T, nb), np.float32)  # x summed per group, for the shifts (np.zeros
         if has_shift:                       # would be one more parallel region: a thread launch)
             for t in range(T):
@@ -249,7 +262,7 @@ def matvec_panels(qp, sp, hp, has_shift, x, y):
     if qp.ndim == 4:  # 5-bit panels
         kernel = matvec_panels5
     else:
-        kernel = matvec_panels_g32 if x.shape[1] // sp.shape[1] == 32 else matvec_panels_g16
+        kernel = matvec_panels_g32 if x.shape[1] // _groups(sp) == 32 else matvec_panels_g16
     kernel(qp, sp, hp, has_shift, x, y)
 
 
@@ -313,7 +326,8 @@ def panel_arrays(how: Unpacking, rows: int, cols: int) -> dict[str, tuple[tuple,
     q = {8: ((P, cols, PANEL), np.int8), 5: ((P, cols // 8, 5, PANEL), np.uint8),
          4: ((P, cols // 2, PANEL), np.uint8)}
     arrays = {"q": q[how.bits],
-              "scale": ((P, ng, PANEL), np.int16 if how.f16_scale else np.float32)}
+              "scale": (((P, ng // 16, 18, PANEL), np.int8) if how.super_scales  # Q6_K
+                        else ((P, ng, PANEL), np.int16 if how.f16_scale else np.float32))}
     if how.shift:
         arrays["shift"] = ((P, ng, PANEL), np.float32)
     return arrays
@@ -334,7 +348,8 @@ class Packed:
     (uint8 ``[P, cols / 2, 16]``, two weights a byte, for Q4_K; uint8 ``[P, cols / 8, 5, 16]``,
     5 bits a weight, for Q5_0 unless ``wide``), ``scale`` (float16 bits as
     int16 for Q8_0/Q5_0/Q4_0, else float32) and, for Q4_K/Q5_K, ``shift``
-    ``[P, cols / G, 16]``, where ``P = ceil(rows / 16)``.
+    ``[P, cols / G, 16]``, where ``P = ceil(rows / 16)``; Q6_K's ``scale``: int8
+    ``[P, cols / 256, 18, 16]``, sub-scales and float16 super-scales as stored.
     ``matvec(x, y)``: ``y[T, rows] = x[T, cols] W^T``; ``decode(r0, r1, out)``: rows
     ``[r0, r1)`` of W in float32, bit for bit the reference path's weights.
     """
@@ -400,7 +415,10 @@ class Packed:
         for r0 in range(0, rows, step):
             n = min(rows, r0 + step) - r0
             fill(r0, r0 + n, q[:n], scale[:n], shift[:n])
-            s = scale[:n].astype(np.float16).view(np.int16) if f16_scale else scale[:n]  # exact
+            if how.super_scales:  # Q6_K: sub-scales and super-scales as stored
+                s = how.super_scales(data[r0:r0 + n])
+            else:
+                s = scale[:n].astype(np.float16).view(np.int16) if f16_scale else scale[:n]  # exact
             to_panels(q[:n], s, shift[:n], has_shift, r0, self.q, self.scale, self.shift)
             release_pages(data[r0:r0 + n])
 

@@ -153,6 +153,15 @@ def unpack_q6_k(data, q, scale, shift):
                         q[r, QK_K * b + 128 * h + 32 * s + j] = np.int32(lo | (hi << 4)) - 32
 
 
+def q6_k_scales(data: np.ndarray) -> np.ndarray:
+    """Q6_K rows ``data`` uint8 ``[rows, bytes]``: each super-block's 16 int8 sub-scales and
+    its float16 ``d`` (2 bytes), as stored, int8 ``[rows, n / 256, 18]`` (a view).
+    ``f32(d) * f32(sc)`` is exact in float32 (11 bits times 8), so the panels keep these 1.1
+    bytes per 16 weights instead of the float32 ``scale`` (4)."""
+    blocks = data.reshape(data.shape[0], -1, Q6_K_BYTES)  # [rows, n / 256, 210]
+    return blocks[:, :, Q6_K_SCALES:Q6_K_D + 2].view(np.int8)  # [rows, n / 256, 18]
+
+
 # ---- exact decoders to float32 (prefill tiles; the NumPy twin is gguf.quants.dequantize) -----
 # Each writes rows [r0, r1) of the matrix as float32 ``[r1 - r0, n]``. No fastmath.
 
@@ -194,6 +203,9 @@ class Unpacking(NamedTuple):
     shift: bool  # w = scale * q - shift (the k-quants' minimums), else w = scale * q
     f16_scale: bool  # the scales are float16 as stored: keep them so (2 bytes instead of 4)
     bits: int  # bits a weight takes in the panels: 8 (int8), 5 (Q5_0's q + 16) or 4 (nibbles)
+    # None, or (Q6_K) stored rows -> their sub-scales and super-scales as the panels keep them
+    # (``q6_k_scales``), instead of the float32 ``scale`` per group
+    super_scales: object = None
 
 
 # Unpacked once into panels, by kind.
@@ -202,5 +214,5 @@ UNPACKED = {"Q8_0": Unpacking(unpack_q8_0, QK8_0, False, True, 8),
             "Q4_0": Unpacking(unpack_q4_0, QK4_0, False, True, 8),
             "Q4_K": Unpacking(partial(unpack_k, fifth_bit=False), 32, True, False, 4),
             "Q5_K": Unpacking(partial(unpack_k, fifth_bit=True), 32, True, False, 8),
-            "Q6_K": Unpacking(unpack_q6_k, 16, False, False, 8)}
+            "Q6_K": Unpacking(unpack_q6_k, 16, False, False, 8, q6_k_scales)}
 FORMATS = sorted(STORED) + sorted(UNPACKED)
