@@ -1,6 +1,6 @@
 """Panels unpacked once per checkpoint, kept in a file and memory-mapped by later starts.
 
-The fast path reads GGUF blocks (and bf16 with ``quantize="int8"``) as panels of int8 or 4-bit
+The fast path reads GGUF blocks (and bf16 with ``quantize="int8"``) as panels of int8, 5- or 4-bit
 weights (``kernels.matvec.Packed``). Unpacking the demo's 268 M weights into that layout took
 about a second at every start, more than the rest of loading. llama.cpp starts fast because its
 file is its working layout; here the working layout is written to a file once, beside Numba's
