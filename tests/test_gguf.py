@@ -139,3 +139,53 @@ def test_metadata_arrays_are_views_of_the_file(tmp_path):
         field = theirs[key]
         expected = np.concatenate([field.parts[i] for i in field.data])
         np.testing.assert_array_equal(ours, expected)
+
+
+def test_ggml_tables_are_gguf_s():
+    """checkpoints.ggml copies gguf's type ids, block sizes, token types and tokenizer keys
+    (so that loading needs no ``import gguf``): each equal to the installed gguf's."""
+    from tinygemma.checkpoints import ggml
+    for t in ggml.GGMLType:
+        assert gguf.GGMLQuantizationType[t.name] == t
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)] == ggml.BLOCK_SIZES[t]
+    assert set(ggml.BLOCK_SIZES) == set(ggml.GGMLType)
+    assert {t.name: int(t) for t in ggml.TokenType} == {t.name: int(t) for t in gguf.TokenType}
+    keys = [k for k in vars(ggml.TokenizerKeys) if k.isupper()]
+    assert len(keys) == 9
+    for k in keys:
+        assert getattr(ggml.TokenizerKeys, k) == getattr(gguf.Keys.Tokenizer, k)
+    newer = max(int(t) for t in gguf.GGMLQuantizationType)  # a type only gguf knows, if any
+    if newer not in ggml.BLOCK_SIZES:
+        assert ggml.type_of(newer)[1] == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(newer)]
+
+
+def test_q8_0_blocks_decode_as_gguf_quants():
+    """checkpoints.ggml.dequantize decodes Q8_0 (the demo's embedding rows) in NumPy, bit for
+    bit gguf.quants', every int8 and float16 scale, whatever the leading shape."""
+    from tinygemma.checkpoints import ggml
+    rng = np.random.default_rng(8)
+    blocks = rng.integers(0, 256, (3, 5, 34), dtype=np.uint8)
+    scales = rng.integers(0, 1 << 16, (3, 5), dtype=np.uint16)  # every pattern: inf, nan too
+    blocks[:, :, :2] = scales.view(np.uint8).reshape(3, 5, 2)
+    rows = blocks.reshape(3, 5 * 34)  # [rows, bytes]
+    with np.errstate(invalid="ignore"):  # inf scales times 0
+        want = dequantize(rows, gguf.GGMLQuantizationType.Q8_0)
+        got = ggml.dequantize(rows, ggml.GGMLType.Q8_0)
+    assert got.shape == want.shape == (3, 160) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_loading_and_a_forward_pass_import_no_gguf(demo_path):
+    """The gguf package (megabytes of Python objects) is not imported to load the demo, encode
+    text and run a forward pass: its constants come from checkpoints.ggml and the embedding's
+    Q8_0 rows decode in NumPy."""
+    import subprocess
+    import sys
+    code = ("import sys, tinygemma as tg\n"
+            f"m = tg.load({str(demo_path)!r})\n"
+            "m.forward(m.tokenizer.encode('The capital of France is'), last_only=True)\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] == 'gguf'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

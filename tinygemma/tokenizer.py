@@ -41,8 +41,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import sentencepiece as spm
-from gguf import Keys, TokenType
 from sentencepiece import sentencepiece_model_pb2 as sp_model
+
+from .checkpoints.ggml import TokenizerKeys, TokenType
 
 __all__ = ["Tokenizer", "StreamDecoder", "build_model_proto", "render_chat", "chat_parts",
            "check_unicode"]
@@ -55,7 +56,7 @@ KIND_NAMES = {int(t): t.name.lower() for t in TokenType}
 
 SPACE = "\u2581"  # '▁', SentencePiece's spelling of a space
 
-GGUF_KEYS = (Keys.Tokenizer.LIST, Keys.Tokenizer.SCORES, Keys.Tokenizer.TOKEN_TYPE)
+GGUF_KEYS = (TokenizerKeys.LIST, TokenizerKeys.SCORES, TokenizerKeys.TOKEN_TYPE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,19 +135,19 @@ def _gguf_vocab(meta: Mapping):
     if missing:
         raise ValueError(f"the GGUF metadata has no {', '.join(missing)}: no vocabulary to build "
                          "a tokenizer from")
-    model = meta.get(Keys.Tokenizer.MODEL, "llama")
+    model = meta.get(TokenizerKeys.MODEL, "llama")
     if model != "llama":
         raise ValueError(f"GGUF tokenizer model {model!r} is not a SentencePiece vocabulary "
                          "(Gemma's is 'llama')")
-    tokens = list(meta[Keys.Tokenizer.LIST])
-    scores = [float(s) for s in meta[Keys.Tokenizer.SCORES]]
-    types = [int(t) for t in meta[Keys.Tokenizer.TOKEN_TYPE]]
+    tokens = list(meta[TokenizerKeys.LIST])
+    scores = [float(s) for s in meta[TokenizerKeys.SCORES]]
+    types = [int(t) for t in meta[TokenizerKeys.TOKEN_TYPE]]
     if not len(tokens) == len(scores) == len(types):
         raise ValueError(f"GGUF vocabulary arrays disagree in length: {len(tokens)} tokens, "
                          f"{len(scores)} scores, {len(types)} types")
     special = {name: meta.get(key) for name, key in
-               (("unk", Keys.Tokenizer.UNK_ID), ("bos", Keys.Tokenizer.BOS_ID),
-                ("eos", Keys.Tokenizer.EOS_ID), ("pad", Keys.Tokenizer.PAD_ID))}
+               (("unk", TokenizerKeys.UNK_ID), ("bos", TokenizerKeys.BOS_ID),
+                ("eos", TokenizerKeys.EOS_ID), ("pad", TokenizerKeys.PAD_ID))}
     for name, i in special.items():
         if i is not None and not 0 <= int(i) < len(tokens):
             raise ValueError(f"GGUF {name} token id {i} is outside the vocabulary "
@@ -231,7 +232,7 @@ class Tokenizer:
         proto = build_model_proto(
             pieces, scores, types, unk_id=unk,
             **{f"{k}_id": (-1 if v is None else v) for k, v in special.items()},
-            add_dummy_prefix=bool(meta.get(Keys.Tokenizer.ADD_PREFIX, False)))
+            add_dummy_prefix=bool(meta.get(TokenizerKeys.ADD_PREFIX, False)))
         # A special piece is written in a prompt as its GGUF spelling (e.g. "<unk>").
         special_text = {i: tokens[i] for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)}
         return cls(proto, source="GGUF vocabulary", piece_types=types,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CheckpointError, CheckpointNotFound
+from .ggml import type_of
 
 # GGUF metadata value types -> NumPy scalar types (8 is string, 9 is array).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
@@ -233,10 +234,8 @@ class GGUFFile:
         return name, dims, self._scalar("I"), self._scalar("Q")
 
     def _tensor(self, start, name, dims, raw_type, offset) -> TensorInfo:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
         try:
-            qtype = GGMLQuantizationType(raw_type)
-            block, type_size = GGML_QUANT_SIZES[qtype]
+            qtype, (block, type_size) = type_of(raw_type)
         except (ValueError, KeyError):
             raise CheckpointError(f"{self.path}: tensor {name!r} has unknown GGML type "
                                   f"{raw_type}") from None

@@ -23,8 +23,8 @@ Block layouts, as ggml-common.h declares them (``d``, ``dmin`` float16 scales fi
     block_q6_K  {ql[128] low nibbles; qh[64] high 2 bits; int8 scales[16]; d}
                                                                w = d*scale * (q - 32)
 
-The block sizes come from ``gguf.GGML_QUANT_SIZES``; the offsets of the fields are named
-below, and checked at import to end where the block ends.
+The block sizes come from ``checkpoints.ggml`` (the values of ``gguf.GGML_QUANT_SIZES``); the
+offsets of the fields are named below, and checked at import to end where the block ends.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from functools import partial
 from typing import NamedTuple
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
+from ..checkpoints.ggml import BLOCK_SIZES as GGML_QUANT_SIZES, GGMLType as GGMLQuantizationType
 from ._llvm import JIT, _as_f32, _half, f32
 
 # (weights, bytes) of a block of each type
