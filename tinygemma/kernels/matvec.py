@@ -164,6 +164,18 @@ def _panel_dot(qp, sp, hp, has_shift, xs, x, t, p, G, acc):
         b += 1
 
 
+@njit(inline="always", fastmath=FAST)
+def _group_sums(x, G, times, xs):
+    """``xs[t, b]`` = ``times`` x the sum of ``x[t]`` over group ``b`` of ``G`` columns: what
+    a group's shift (or Q5_0's offset of 16) multiplies."""
+    for t in range(x.shape[0]):
+        for b in range(xs.shape[1]):
+            total = f32(0)
+            for j in range(G * b, G * b + G):
+                total += x[t, j]
+            xs[t, b] = times * total
+
+
 def _matvec_panels(G: int):
     """The matvec over panels for groups of ``G`` columns: ``G`` a constant of each kernel, so
     each compiles one loop nest (a kernel branching on the group size compiled both, twice
@@ -174,12 +186,7 @@ def _matvec_panels(G: int):
         nb = _groups(sp)
         xs = np.empty((T, nb), np.float32)  # x summed per group, for the shifts (np.zeros
         if has_shift:                       # would be one more parallel region: a thread launch)
-            for t in range(T):
-                for b in range(nb):
-                    total = f32(0)
-                    for j in range(G * b, G * b + G):
-                        total += x[t, j]
-                    xs[t, b] = total
+            _group_sums(x, G, f32(1), xs)
         for p in prange(P):
             acc = _lanes()
             for t in range(T):
@@ -242,12 +249,7 @@ def matvec_panels5(qp, sp, hp, has_shift, x, y):
     P, T, R = qp.shape[0], x.shape[0], y.shape[1]
     G, nb = 32, sp.shape[1]
     xs = np.empty((T, nb), np.float32)  # 16 times x summed per group: the offset of q
-    for t in range(T):
-        for b in range(nb):
-            total = f32(0)
-            for j in range(G * b, G * b + G):
-                total += x[t, j]
-            xs[t, b] = f32(16) * total
+    _group_sums(x, G, f32(16), xs)
     for p in prange(P):
         acc = _lanes()
         for t in range(T):
